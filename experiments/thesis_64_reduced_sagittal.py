@@ -1,0 +1,7 @@
+"""Thesis Table 5.3: 100 subjects, 64 x 64 px, 48 mm central sagittal slab, original corruptions."""
+
+from experiments._thesis import thesis_config
+
+
+def get_config():
+    return thesis_config(plane="sagittal", max_subjects=100)

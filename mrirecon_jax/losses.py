@@ -1,0 +1,63 @@
+"""Differentiable training losses on NHWC batches in [0, 1]: SSIM (dm-pix), L1, MSE and their mix.
+
+Every loss returns one scalar; lower is better. An optional weight map (N, H, W, 1), for example a brain mask,
+restricts the pixel losses to where it is non-zero and weights the SSIM map the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import dm_pix as pix
+import jax.numpy as jnp
+
+from mrirecon_jax.config import UserError
+
+SSIM_L1_ALPHA = 0.84  # Zhao et al. 2017, "Loss Functions for Image Restoration with Neural Networks".
+
+
+def _weighted_mean(values, weights):
+    if weights is None:
+        return jnp.mean(values)
+    weights = jnp.broadcast_to(weights, values.shape)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def ssim_loss(pred, target, weights: Optional[jnp.ndarray] = None):
+    """1 - SSIM with dm-pix's Gaussian window (11x11, sigma 1.5), data range 1."""
+    ssim_map = pix.ssim(pred, target, max_val=1.0, return_map=True)
+    if weights is not None:  # the map is 'valid'-cropped: crop the weights the same way
+        cut_h = (weights.shape[1] - ssim_map.shape[1]) // 2
+        cut_w = (weights.shape[2] - ssim_map.shape[2]) // 2
+        weights = weights[:, cut_h:cut_h + ssim_map.shape[1], cut_w:cut_w + ssim_map.shape[2]]
+    return 1.0 - _weighted_mean(ssim_map, weights)
+
+
+def l1_loss(pred, target, weights: Optional[jnp.ndarray] = None):
+    """Mean absolute error."""
+    return _weighted_mean(jnp.abs(pred - target), weights)
+
+
+def mse_loss(pred, target, weights: Optional[jnp.ndarray] = None):
+    """Mean squared error (the thesis's training loss)."""
+    return _weighted_mean(jnp.square(pred - target), weights)
+
+
+def ssim_l1_loss(pred, target, weights: Optional[jnp.ndarray] = None, alpha: float = SSIM_L1_ALPHA):
+    """alpha * (1 - SSIM) + (1 - alpha) * L1, the mix of Zhao et al. 2017."""
+    return alpha * ssim_loss(pred, target, weights) + (1.0 - alpha) * l1_loss(pred, target, weights)
+
+
+LOSSES: dict[str, Callable] = {
+    "ssim": ssim_loss,
+    "l1": l1_loss,
+    "mse": mse_loss,
+    "ssim_l1": ssim_l1_loss,
+}
+
+
+def get_loss(name: str) -> Callable:
+    """The loss function registered under `name`."""
+    if name not in LOSSES:
+        raise UserError(f"Unknown loss {name!r}; choose one of {', '.join(LOSSES)}.")
+    return LOSSES[name]

@@ -1,0 +1,108 @@
+"""The U-Net (Ronneberger et al. 2015) in Flax NNX, with the thesis's network as a preset.
+
+Each level is two 3x3 convolutions with ReLU; the encoder halves the grid with 2x2 max pooling, the decoder
+doubles it with a 2x2 transposed convolution ("up-conv") and concatenates the skip connection. The head is a
+1x1 convolution to one channel followed by the output activation. With ``residual=True`` the head predicts a
+correction that is added to the input before the activation, so an untrained network starts near identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mrirecon_jax.config import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetSpec:
+    """Architecture of one preset: channels per level (shallow to deep), output activation, residual head."""
+
+    features: tuple[int, ...]
+    output_activation: str = "relu"
+    residual: bool = False
+
+
+PRESETS: dict[str, UNetSpec] = {
+    # A few thousand parameters: for unit tests.
+    "tiny": UNetSpec(features=(4, 8, 16), output_activation="clip", residual=True),
+    # About 0.47 M parameters: trains usefully on a 2-core CPU in minutes.
+    "small": UNetSpec(features=(16, 32, 64, 128), output_activation="clip", residual=True),
+    # The thesis's network: 64-128-256-512-1024, about 31 M parameters, ReLU output (REFERENCE.md).
+    "thesis": UNetSpec(features=(64, 128, 256, 512, 1024), output_activation="relu", residual=False),
+}
+
+OUTPUT_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "clip": lambda y: jnp.clip(y, 0.0, 1.0),
+    "linear": lambda y: y,
+}
+
+
+def resolve_spec(preset: str, output_activation: Optional[str] = None) -> UNetSpec:
+    """The spec of a named preset, optionally with another output activation."""
+    if preset not in PRESETS:
+        raise UserError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    spec = PRESETS[preset]
+    if output_activation is not None:
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise UserError(
+                f"Unknown output activation {output_activation!r}; choose one of {', '.join(OUTPUT_ACTIVATIONS)}.")
+        spec = dataclasses.replace(spec, output_activation=output_activation)
+    return spec
+
+
+def min_image_size(spec: UNetSpec) -> int:
+    """Image sides must be multiples of this (one halving per pooling step)."""
+    return 2 ** (len(spec.features) - 1)
+
+
+class ConvBlock(nnx.Module):
+    """Two 3x3 convolutions, each followed by ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(in_features, out_features, (3, 3), dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(out_features, out_features, (3, 3), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+
+
+class UNet(nnx.Module):
+    """U-Net mapping (N, H, W, C) images to (N, H, W, 1) reconstructions."""
+
+    def __init__(self, spec: UNetSpec, *, in_features: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.spec = spec
+        feats = spec.features
+        self.down = nnx.List([ConvBlock(c_in, c_out, dtype=dtype, rngs=rngs)
+                              for c_in, c_out in zip((in_features,) + feats[:-2], feats[:-1])])
+        self.bottleneck = ConvBlock(feats[-2], feats[-1], dtype=dtype, rngs=rngs)
+        self.up = nnx.List([nnx.ConvTranspose(c_deep, c, (2, 2), strides=(2, 2), dtype=dtype, rngs=rngs)
+                            for c_deep, c in zip(feats[:0:-1], feats[-2::-1])])
+        self.up_blocks = nnx.List([ConvBlock(2 * c, c, dtype=dtype, rngs=rngs) for c in feats[-2::-1]])
+        self.head = nnx.Conv(feats[0], 1, (1, 1), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        inputs = x
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
+            x = block(jnp.concatenate([nnx.relu(up(x)), skip], axis=-1))
+        y = self.head(x).astype(jnp.float32)
+        if self.spec.residual:
+            y = y + inputs[..., :1].astype(jnp.float32)
+        return OUTPUT_ACTIVATIONS[self.spec.output_activation](y)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

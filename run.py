@@ -1,0 +1,124 @@
+"""mrirecon-jax entry point: flags -> config -> one job.
+
+    python run.py                                   # the `default` experiment on the demo source
+    python run.py --experiment=thesis_64_augmented --data_dir=../shared/data/ixi-t1-2mm --workdir=runs/t64a
+
+Flags left unset keep the experiment's values. Errors a user can fix end with one sentence and exit code 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging as std_logging
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from mrirecon_jax.config import Config, UserError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "train", ["train"], "Which job to run.")
+flags.DEFINE_string("experiment", "default", "Name of a file in experiments/ (without .py) giving the config.")
+flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, figures). "
+                    "Default: runs/<experiment>. Rerunning with the same workdir resumes.")
+flags.DEFINE_enum("backend", None, ["cpu", "gpu", "tpu"], "JAX backend; default: JAX's choice.")
+
+# Flags that override Config fields; None means "keep the experiment's value".
+flags.DEFINE_string("data_dir", None, "Folder of NIfTI volumes (.nii / .nii.gz); default: the demo source.")
+flags.DEFINE_enum("plane", None, ["axial", "sagittal", "coronal"], "Slicing plane.")
+flags.DEFINE_integer("slices", None, "Number of central slices per volume (exclusive with --slab_mm).")
+flags.DEFINE_float("slab_mm", None, "Thickness of the central slab in mm (exclusive with --slices).")
+flags.DEFINE_integer("image_size", None, "Slices are resized to image_size x image_size.")
+flags.DEFINE_float("val_fraction", None, "Fraction of subjects held out for validation.")
+flags.DEFINE_integer("max_subjects", None, "Use at most this many subjects (the thesis's reduced set: 100).")
+flags.DEFINE_string("cache_dir", None, "Where preprocessed slices are cached (default ~/.cache/mrirecon_jax).")
+flags.DEFINE_string("corruptions", None, "Corruption policy: original, augmented, none, or a spec like "
+                    "'patch+oneof(downsample,gibbs,ghost)'.")
+flags.DEFINE_string("model", None, "U-Net preset: tiny, small or thesis.")
+flags.DEFINE_string("output_activation", None, "Override the preset's output activation: relu, sigmoid, clip, linear.")
+flags.DEFINE_string("loss", None, "Training loss: ssim, l1, mse or ssim_l1.")
+flags.DEFINE_float("learning_rate", None, "Adam learning rate.")
+flags.DEFINE_integer("batch_size", None, "Global training batch size.")
+flags.DEFINE_integer("epochs", None, "Number of epochs.")
+flags.DEFINE_integer("max_steps", None, "Stop after this many training steps in total.")
+flags.DEFINE_float("max_train_minutes", None, "Stop (with a final validation and checkpoint) after this much "
+                   "training wall-clock time.")
+flags.DEFINE_integer("seed", None, "Seed for the split, initialisation, corruptions and batch order.")
+flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every N steps (besides every epoch).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of the model.")
+
+CONFIG_FLAGS = [f.name for f in dataclasses.fields(Config) if f.name in FLAGS]
+
+
+def load_experiment(name: str) -> Config:
+    """The Config returned by experiments/<name>.py:get_config()."""
+    path = EXPERIMENTS_DIR / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise UserError(f"Unknown experiment {name!r}; choose one of {', '.join(known)}.")
+    return importlib.import_module(f"experiments.{name}").get_config()
+
+
+def config_from_flags() -> Config:
+    """The experiment's config with every flag the user set applied on top."""
+    cfg = load_experiment(FLAGS.experiment)
+    changes = {name: FLAGS[name].value for name in CONFIG_FLAGS if FLAGS[name].present}
+    if "slices" in changes and "slab_mm" in changes:
+        raise UserError("Give either --slices or --slab_mm, not both.")
+    if "slab_mm" in changes:
+        changes["slices"] = None
+    elif "slices" in changes:
+        changes["slab_mm"] = None
+    if "data_dir" in changes and not Path(changes["data_dir"]).is_dir():
+        raise UserError(f"--data_dir={changes['data_dir']} is not a directory.")
+    return cfg.replace(**changes)
+
+
+def select_backend(backend) -> None:
+    """Make JAX use `backend`, or raise UserError if this machine does not have it."""
+    import jax
+
+    if backend is None:
+        return
+    jax.config.update("jax_platforms", {"gpu": "cuda,rocm"}.get(backend, backend))
+    try:
+        devices = jax.devices()
+    except RuntimeError:
+        raise UserError(f"Backend {backend!r} is not available on this machine "
+                        "(check the jax installation for it, or use --backend=cpu).") from None
+    logging.info("Backend %s: %d device(s), %s.", backend, len(devices), devices[0].device_kind)
+
+
+class _HideLibraryInfo(std_logging.Filter):
+    """Keep orbax's per-save INFO lines out of the console; warnings still show."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_HideLibraryInfo())
+    try:
+        cfg = config_from_flags()
+        select_backend(FLAGS.backend)
+        workdir = Path(FLAGS.workdir or Path("runs") / FLAGS.experiment)
+        from mrirecon_jax import train
+
+        summary = train.train_and_evaluate(cfg, workdir)
+        print(json.dumps({k: summary[k] for k in ("step", "epoch", "ssim_slice", "ssim_patch", "psnr_slice",
+                                                  "psnr_patch", "input_ssim_slice", "stopped_early")}))
+        print(f"Run written to {workdir}: config.json, metrics.jsonl, checkpoints/, samples.png")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

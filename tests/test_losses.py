@@ -1,0 +1,59 @@
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrirecon_jax import losses
+from mrirecon_jax.config import UserError
+
+
+def _pair(seed=0, shape=(2, 32, 32, 1)):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    target = jax.random.uniform(k1, shape)
+    pred = jnp.clip(target + 0.1 * jax.random.normal(k2, shape), 0, 1)
+    return pred, target
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_loss_is_zero_for_a_perfect_prediction_and_positive_otherwise(name):
+    pred, target = _pair()
+    loss = losses.get_loss(name)
+    assert abs(float(loss(target, target))) < 1e-5
+    assert float(loss(pred, target)) > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_loss_gradients_are_finite_and_nonzero(name):
+    pred, target = _pair(1)
+    grad = jax.grad(losses.get_loss(name))(pred, target)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    assert float(jnp.abs(grad).sum()) > 0
+
+
+def test_ssim_loss_is_one_minus_dm_pix_ssim():
+    pred, target = _pair(2)
+    expected = 1.0 - jnp.mean(pix.ssim(pred, target))
+    np.testing.assert_allclose(float(losses.ssim_loss(pred, target)), float(expected), atol=1e-6)
+
+
+def test_ssim_l1_is_the_weighted_mix():
+    pred, target = _pair(3)
+    a = losses.SSIM_L1_ALPHA
+    expected = a * losses.ssim_loss(pred, target) + (1 - a) * losses.l1_loss(pred, target)
+    np.testing.assert_allclose(float(losses.ssim_l1_loss(pred, target)), float(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_weights_ignore_errors_outside_the_mask(name):
+    pred, target = _pair(4, (1, 48, 48, 1))
+    weights = jnp.zeros_like(target).at[:, 8:40, 8:40].set(1.0)
+    far_off = pred.at[:, :2, :].set(1.0 - pred[:, :2, :])  # changes only rows far outside the mask
+    loss = losses.get_loss(name)
+    np.testing.assert_allclose(float(loss(pred, target, weights)), float(loss(far_off, target, weights)), rtol=1e-6)
+    assert float(loss(pred, target)) != pytest.approx(float(loss(far_off, target)))
+
+
+def test_unknown_loss_is_a_user_error():
+    with pytest.raises(UserError, match="ssim_l1"):
+        losses.get_loss("perceptual")

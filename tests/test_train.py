@@ -1,0 +1,114 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mrirecon_jax import train
+from mrirecon_jax.config import Config, UserError
+
+SMALL_RUN = dict(model="tiny", image_size=32, slices=4, slab_mm=None, batch_size=8, epochs=3,
+                 learning_rate=3e-3, eval_batch_size=16, corruptions="augmented")
+
+
+def _brain_like(n, size=32, seed=0):
+    """Smooth blobs inside a disc: a stand-in for brain slices, normalised to [0, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    disc = (yy ** 2 + xx ** 2) < (0.4 * size) ** 2
+    images = ndimage.gaussian_filter(rng.random((n, size, size)), sigma=(0, 2, 2)) * disc
+    images = (images - images.min(axis=(1, 2), keepdims=True))
+    images /= images.max(axis=(1, 2), keepdims=True)
+    return images[..., None].astype(np.float32)
+
+
+def _steps(cfg):
+    mesh = train.make_mesh()
+    graphdef, tx, state = train.init_state(cfg, mesh)
+    return train.make_steps(cfg, graphdef, tx), state, mesh
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+    cfg = Config(**{**SMALL_RUN, "corruptions": "original"})
+    steps, state, _ = _steps(cfg)
+    batch = jnp.asarray(_brain_like(8))
+    losses = []
+    for _ in range(40):
+        state, loss = steps.train_step(state, batch)
+        losses.append(float(loss))
+    assert int(state["step"]) == 40
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_evaluation_is_deterministic_and_independent_of_batch_size():
+    cfg = Config(**SMALL_RUN)
+    steps, state, mesh = _steps(cfg)
+    images = _brain_like(20, seed=1)
+    kinds = train.parse_policy(cfg.corruptions).kinds
+    first, _ = train.evaluate_slices(steps, state["params"], images, 16, mesh, kinds)
+    again, _ = train.evaluate_slices(steps, state["params"], images, 16, mesh, kinds)
+    other_batching, _ = train.evaluate_slices(steps, state["params"], images, 6, mesh, kinds)
+    assert first == again
+    for name in ("ssim_slice", "ssim_patch", "psnr_slice", "mse_patch", "input_ssim_slice"):
+        assert other_batching[name] == pytest.approx(first[name], rel=1e-5)
+    assert first["n_val_slices"] == 20 and 0 < first["ssim_slice"] < 1
+
+
+def test_collapsed_output_is_detected():
+    cfg = Config(**{**SMALL_RUN, "output_activation": "relu"})
+    steps, state, mesh = _steps(cfg)
+    dead = jax.tree.map(jnp.zeros_like, state["params"])
+    dead["head"]["bias"].value = jnp.full((1,), -10.0)  # relu(input - 10) == 0: a constant output
+    summary, _ = train.evaluate_slices(steps, dead, _brain_like(8), 8, mesh)
+    assert summary["collapsed"] and summary["output_std"] == 0.0
+    alive, _ = train.evaluate_slices(steps, state["params"], _brain_like(8), 8, mesh)
+    assert not alive["collapsed"]
+
+
+def test_bad_corruption_spec_is_a_user_error():
+    with pytest.raises(UserError, match="--corruptions"):
+        train.parse_policy("patch+blur")
+
+
+def _run(tmp_path, workdir, **changes):
+    cfg = Config(**{**SMALL_RUN, "cache_dir": str(tmp_path / "cache"), **changes})
+    return train.train_and_evaluate(cfg, tmp_path / workdir)
+
+
+def _records(tmp_path, workdir):
+    return [json.loads(line) for line in (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
+    """Stop at step 3, rerun to step 7: same metrics as one run of 7 steps (data order, keys and state)."""
+    _run(tmp_path, "interrupted", max_steps=3)
+    resumed = _run(tmp_path, "interrupted", max_steps=7)
+    straight = _run(tmp_path, "straight", max_steps=7)
+    assert resumed["step"] == straight["step"] == 7
+    for name in ("ssim_slice", "ssim_patch", "psnr_slice", "mse_slice"):
+        assert resumed[name] == pytest.approx(straight[name], rel=1e-6, abs=1e-7)
+    steps_logged = [r["step"] for r in _records(tmp_path, "interrupted")]
+    assert steps_logged[0] == 3 and steps_logged[-1] == 7 and steps_logged == sorted(steps_logged)
+    assert (tmp_path / "interrupted" / "samples.png").stat().st_size > 10_000
+    split = json.loads((tmp_path / "interrupted" / "split.json").read_text())
+    assert not set(split["train_subjects"]) & set(split["val_subjects"])
+    assert split["source"].startswith("DEMO")
+
+
+def test_time_budget_stops_with_a_final_validation_and_checkpoint(tmp_path):
+    record = _run(tmp_path, "budget", max_train_minutes=1e-6)
+    assert record["stopped_early"] and record["step"] == 1
+    assert _records(tmp_path, "budget")[-1]["step"] == 1
+    assert (tmp_path / "budget" / "checkpoints" / "1").is_dir()
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+    cfg = Config(**SMALL_RUN)
+    train.prepare_workdir(cfg, tmp_path)
+    original = (tmp_path / "config.json").read_text()
+    with pytest.raises(UserError, match="model"):
+        train.prepare_workdir(cfg.replace(model="small"), tmp_path)
+    assert (tmp_path / "config.json").read_text() == original
+    train.prepare_workdir(cfg.replace(epochs=9), tmp_path)  # a longer run of the same thing is a resume
