@@ -22,7 +22,8 @@ from mrirecon_jax.config import Config, UserError
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "train", ["train"], "Which job to run.")
+MODES = ["train", "evaluate", "report", "benchmark", "gallery", "reconstruct", "detect", "detect_eval"]
+flags.DEFINE_enum("mode", "train", MODES, "Which job to run.")
 flags.DEFINE_string("experiment", "default", "Name of a file in experiments/ (without .py) giving the config.")
 flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, figures). "
                     "Default: runs/<experiment>. Rerunning with the same workdir resumes.")
@@ -51,6 +52,20 @@ flags.DEFINE_float("max_train_minutes", None, "Stop (with a final validation and
 flags.DEFINE_integer("seed", None, "Seed for the split, initialisation, corruptions and batch order.")
 flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every N steps (besides every epoch).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of the model.")
+
+# Flags of the jobs other than training (each job reads only its own).
+flags.DEFINE_string("checkpoint", "best", "evaluate/reconstruct/detect: which checkpoint: best, last or a step.")
+flags.DEFINE_list("workdirs", None, "report: run directories to put in one table.")
+flags.DEFINE_string("output", None, "report/benchmark/gallery/reconstruct/detect: the file to write.")
+flags.DEFINE_string("input", None, "reconstruct/detect: the NIfTI volume to read.")
+flags.DEFINE_bool("resample_to_input", False, "reconstruct/detect: write on the input's grid, not the model's.")
+flags.DEFINE_string("corrupt", None, "reconstruct: corrupt the input first with this corruption kind.")
+flags.DEFINE_string("brain_mask", None, "detect: brain mask NIfTI (computed when not given).")
+flags.DEFINE_string("lesion_mask", None, "detect: ground-truth lesion mask NIfTI, to score the anomaly map.")
+flags.DEFINE_enum("residual", "abs", ["abs", "pos", "neg"], "detect: which residual makes the anomaly map.")
+flags.DEFINE_list("image_sizes", None, "benchmark: image sizes, e.g. 32,64,128.")
+flags.DEFINE_list("batch_sizes", None, "benchmark: batch sizes, e.g. 8,32.")
+flags.DEFINE_list("dtypes", None, "benchmark: compute dtypes, e.g. float32,bfloat16.")
 
 CONFIG_FLAGS = [f.name for f in dataclasses.fields(Config) if f.name in FLAGS]
 
@@ -94,6 +109,67 @@ def select_backend(backend) -> None:
     logging.info("Backend %s: %d device(s), %s.", backend, len(devices), devices[0].device_kind)
 
 
+def workdir_flag(must_exist: bool = False) -> Path:
+    """--workdir, defaulting to runs/<experiment>; with must_exist, it must hold a run's config.json."""
+    workdir = Path(FLAGS.workdir or Path("runs") / FLAGS.experiment)
+    if must_exist and not (workdir / "config.json").is_file():
+        raise UserError(f"--workdir={workdir} holds no run (no config.json); train one there first.")
+    return workdir
+
+
+def required_flag(name: str):
+    """The value of a flag this job cannot do without."""
+    if FLAGS[name].value in (None, []):
+        raise UserError(f"--mode={FLAGS.mode} needs --{name}.")
+    return FLAGS[name].value
+
+
+# ---------------------------------------------------------------------------------------------------- jobs
+# Each job reads its flags here and calls one function of the package; the package never reads flags.
+
+def train_job():
+    from mrirecon_jax import train
+
+    workdir = workdir_flag()
+    summary = train.train_and_evaluate(config_from_flags(), workdir)
+    print(json.dumps({k: summary[k] for k in ("step", "epoch", "ssim_slice", "ssim_patch", "psnr_slice",
+                                              "psnr_patch", "input_ssim_slice", "stopped_early")}))
+    print(f"Run written to {workdir}: config.json, metrics.jsonl, checkpoints/, samples.png")
+
+
+def evaluate_job():
+    raise UserError("--mode=evaluate is not built yet.")
+
+
+def report_job():
+    raise UserError("--mode=report is not built yet.")
+
+
+def benchmark_job():
+    raise UserError("--mode=benchmark is not built yet.")
+
+
+def gallery_job():
+    raise UserError("--mode=gallery is not built yet.")
+
+
+def reconstruct_job():
+    raise UserError("--mode=reconstruct is not built yet.")
+
+
+def detect_job():
+    raise UserError("--mode=detect is not built yet.")
+
+
+def detect_eval_job():
+    raise UserError("--mode=detect_eval is not built yet.")
+
+
+JOBS = {"train": train_job, "evaluate": evaluate_job, "report": report_job, "benchmark": benchmark_job,
+        "gallery": gallery_job, "reconstruct": reconstruct_job, "detect": detect_job,
+        "detect_eval": detect_eval_job}
+
+
 class _HideLibraryInfo(std_logging.Filter):
     """Keep orbax's per-save INFO lines out of the console; warnings still show."""
 
@@ -106,15 +182,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_HideLibraryInfo())
     try:
-        cfg = config_from_flags()
         select_backend(FLAGS.backend)
-        workdir = Path(FLAGS.workdir or Path("runs") / FLAGS.experiment)
-        from mrirecon_jax import train
-
-        summary = train.train_and_evaluate(cfg, workdir)
-        print(json.dumps({k: summary[k] for k in ("step", "epoch", "ssim_slice", "ssim_patch", "psnr_slice",
-                                                  "psnr_patch", "input_ssim_slice", "stopped_early")}))
-        print(f"Run written to {workdir}: config.json, metrics.jsonl, checkpoints/, samples.png")
+        JOBS[FLAGS.mode]()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -339,3 +339,5 @@ def corrupt_batch(key, images, policy):
         policy = parse_policy(policy)
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda k, x: corrupt_image(k, x, policy))(keys, images)
+
+# ---- synthetic anomalies (lesion generator; issue 6) ----

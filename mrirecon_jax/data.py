@@ -434,3 +434,9 @@ def load_dataset(cfg: Config) -> Dataset:
         dataset = dataclasses.replace(dataset, cache_path=str(cache_path))
     logging.info("Data: %s %d train / %d validation slices.", source, len(train), len(val))
     return dataset
+
+
+# ---- evaluation on unseen subjects (issue 4) ----
+
+
+# ---- whole volumes for reconstruction and detection (issue 6) ----

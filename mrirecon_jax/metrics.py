@@ -91,3 +91,9 @@ def slice_metrics(pred, target, patch_mask) -> dict:
         "mse_slice": mse_slice,
         "mse_patch": mse_patch,
     }
+
+
+# ---- anomaly-detection scores (issue 6) ----
+
+
+# ---- thesis-compatible variants (issue 4) ----

@@ -220,6 +220,47 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state, step: int):
     return restored["state"], dict(restored["meta"])
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A trained model read back from a workdir: its config, the model's graph and parameters, and the step."""
+
+    cfg: Config
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    step: int
+
+    def model(self) -> unet.UNet:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def restore_run(workdir, checkpoint: str = "best") -> TrainedRun:
+    """Load the run in `workdir` at checkpoint `best` (by validation SSIM), `last`, or a step number."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{workdir} holds no run (no config.json).")
+    cfg = Config.from_json(config_path.read_text())
+    graphdef, _, state = init_state(cfg, make_mesh())
+    manager = checkpoint_manager(workdir, cfg.keep_checkpoints)
+    try:
+        available = manager.all_steps()
+        if not available:
+            raise UserError(f"{workdir} holds no checkpoint yet.")
+        if checkpoint == "best":
+            step = manager.best_step()
+        elif checkpoint == "last":
+            step = manager.latest_step()
+        elif checkpoint.isdigit() and int(checkpoint) in available:
+            step = int(checkpoint)
+        else:
+            raise UserError(f"--checkpoint={checkpoint} is not one of best, last or a saved step "
+                            f"({', '.join(map(str, sorted(available)))}).")
+        state, _ = restore_checkpoint(manager, state, step)
+    finally:
+        manager.close()
+    return TrainedRun(cfg=cfg, graphdef=graphdef, params=state["params"], step=int(step))
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
