@@ -37,6 +37,8 @@ flags.DEFINE_float("slab_mm", None, "Thickness of the central slab in mm (exclus
 flags.DEFINE_integer("image_size", None, "Slices are resized to image_size x image_size.")
 flags.DEFINE_float("val_fraction", None, "Fraction of subjects held out for validation.")
 flags.DEFINE_integer("max_subjects", None, "Use at most this many subjects (the thesis's reduced set: 100).")
+flags.DEFINE_bool("skull_strip", None, "Train on skull-stripped slices (computed brain mask), for detection on "
+                  "skull-stripped scans.")
 flags.DEFINE_string("cache_dir", None, "Where preprocessed slices are cached (default ~/.cache/mrirecon_jax).")
 flags.DEFINE_string("corruptions", None, "Corruption policy: original, augmented, none, or a spec like "
                     "'patch+oneof(downsample,gibbs,ghost)'.")
@@ -52,6 +54,8 @@ flags.DEFINE_float("max_train_minutes", None, "Stop (with a final validation and
 flags.DEFINE_integer("seed", None, "Seed for the split, initialisation, corruptions and batch order.")
 flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every N steps (besides every epoch).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of the model.")
+flags.DEFINE_enum("conv_impl", None, ["auto", "xla", "im2col"], "3x3 convolution back end: auto (im2col on small "
+                  "grids on CPU, XLA elsewhere), xla, or im2col.")
 
 # Flags of the jobs other than training (each job reads only its own).
 flags.DEFINE_string("checkpoint", "best", "evaluate/reconstruct/detect: which checkpoint: best, last or a step.")
@@ -74,7 +78,7 @@ def load_experiment(name: str) -> Config:
     """The Config returned by experiments/<name>.py:get_config()."""
     path = EXPERIMENTS_DIR / f"{name}.py"
     if not path.is_file():
-        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith(("_", "peer_")))
         raise UserError(f"Unknown experiment {name!r}; choose one of {', '.join(known)}.")
     return importlib.import_module(f"experiments.{name}").get_config()
 
@@ -138,31 +142,79 @@ def train_job():
 
 
 def evaluate_job():
-    raise UserError("--mode=evaluate is not built yet.")
+    from mrirecon_jax import evaluate
+
+    workdir = workdir_flag(must_exist=True)
+    result = evaluate.evaluate_run(workdir, FLAGS.checkpoint, data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir)
+    for kind, entry in result["kinds"].items():
+        best = entry["best_baseline"]
+        print(json.dumps({"kind": kind, **{k: entry[k] for k in ("ssim_slice", "ssim_patch", "psnr_slice")},
+                          "thesis_ssim_slice": entry["thesis_compat"]["ssim_slice"], "best_baseline": best,
+                          "baseline_ssim_slice": entry["baselines"][best]["ssim_slice"],
+                          "baseline_ssim_patch": entry["baselines"][best]["ssim_patch"]}))
+    print(f"Evaluation of step {result['checkpoint_step']} on {result['n_slices']} slices of "
+          f"{result['n_subjects']} subjects written to {workdir / evaluate.EVAL_DIR}: metrics.json and figures")
 
 
 def report_job():
-    raise UserError("--mode=report is not built yet.")
+    from mrirecon_jax import report
+
+    path = report.write_report(required_flag("workdirs"), required_flag("output"))
+    print(f"Report written to {path}")
+
+
+def _int_list(name: str, default: int) -> list[int]:
+    values = FLAGS[name].value or [default]
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{name} must be a comma-separated list of integers, got {','.join(values)}.") from None
 
 
 def benchmark_job():
-    raise UserError("--mode=benchmark is not built yet.")
+    from mrirecon_jax import benchmark
+
+    cfg = config_from_flags()
+    benchmark.run_benchmark(
+        cfg, models=cfg.model.split(","), image_sizes=_int_list("image_sizes", cfg.image_size),
+        batch_sizes=_int_list("batch_sizes", cfg.batch_size), dtypes=FLAGS.dtypes or [cfg.dtype],
+        output=Path(FLAGS.output or "runs/benchmark/bench.json"))
 
 
 def gallery_job():
-    raise UserError("--mode=gallery is not built yet.")
+    from mrirecon_jax import gallery
+
+    output = required_flag("output")
+    print(f"Gallery written to {gallery.save_gallery(config_from_flags(), output)}")
 
 
 def reconstruct_job():
-    raise UserError("--mode=reconstruct is not built yet.")
+    from mrirecon_jax import infer
+
+    summary = infer.reconstruct(workdir_flag(must_exist=True), required_flag("input"), required_flag("output"),
+                                checkpoint=FLAGS.checkpoint, resample_to_input=FLAGS.resample_to_input,
+                                corrupt=FLAGS.corrupt, seed=FLAGS.seed)
+    print(json.dumps(summary))
 
 
 def detect_job():
-    raise UserError("--mode=detect is not built yet.")
+    from mrirecon_jax import infer
+
+    summary = infer.detect(workdir_flag(must_exist=True), required_flag("input"), required_flag("output"),
+                           checkpoint=FLAGS.checkpoint, brain_mask_path=FLAGS.brain_mask,
+                           lesion_mask_path=FLAGS.lesion_mask, residual=FLAGS.residual,
+                           resample_to_input=FLAGS.resample_to_input)
+    print(json.dumps(summary))
 
 
 def detect_eval_job():
-    raise UserError("--mode=detect_eval is not built yet.")
+    from mrirecon_jax import infer
+
+    workdir = workdir_flag(must_exist=True)
+    results = infer.detect_eval(workdir, FLAGS.data_dir, checkpoint=FLAGS.checkpoint,
+                                max_subjects=FLAGS.max_subjects, residual=FLAGS.residual, seed=FLAGS.seed)
+    print(json.dumps({"kinds": results["kinds"], "overall": results["overall"]}))
+    print(f"Detection metrics written to {workdir / 'detect' / 'metrics.json'} and cases.png")
 
 
 JOBS = {"train": train_job, "evaluate": evaluate_job, "report": report_job, "benchmark": benchmark_job,

@@ -24,6 +24,8 @@ class Config:
     val_fraction: float = 0.2
     max_subjects: Optional[int] = None
     cache_dir: Optional[str] = None  # None: ~/.cache/mrirecon_jax
+    # Train on skull-stripped slices (each volume masked by data.brain_mask), for detection on skull-stripped scans.
+    skull_strip: bool = False
     # Corruptions (a policy name or spec string understood by corruptions.parse_policy).
     corruptions: str = "original"
     # Model.
@@ -42,6 +44,7 @@ class Config:
     keep_checkpoints: int = 3
     eval_batch_size: int = 64
     dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
+    conv_impl: str = "auto"  # 3x3 convolution back end (models/conv.py): auto | xla | im2col
 
     def replace(self, **changes) -> "Config":
         """A copy with some fields changed."""
@@ -61,5 +64,5 @@ class Config:
 # they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset(
     {"epochs", "max_steps", "max_train_minutes", "checkpoint_every_steps", "keep_checkpoints",
-     "eval_batch_size", "cache_dir"}
+     "eval_batch_size", "cache_dir", "conv_impl"}
 )

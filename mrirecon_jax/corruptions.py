@@ -1,21 +1,27 @@
 """Corruptions of one MRI slice, as pure JAX functions, and the policy that picks them.
 
 Every per-image corruption has the signature ``f(key, image, **params) -> image`` where ``image`` is an
-``(H, W, C)`` float array in [0, 1] (float32 or bfloat16), ``key`` a ``jax.random`` key and ``params`` static
-Python values. Outputs keep the input's shape and dtype and are real, finite and clipped to [0, 1]. Internally
-everything is computed in float32 / complex64. Batches (NHWC) are handled with ``jax.vmap``; see
-:func:`corrupt_batch`.
+``(H, W, C)`` float array in [0, 1] (float32 or bfloat16, any even H and W), ``key`` a ``jax.random`` key and
+``params`` static Python values. Outputs keep the input's shape and dtype and are real, finite and clipped to
+[0, 1]. Internally everything is computed in float32 / complex64; k-space edits share the centred orthonormal
+FFT helpers :func:`fft2c` / :func:`ifft2c` and return the magnitude image. Axis 0 (rows) is the phase-encode
+axis. Batches (NHWC) are handled with ``jax.vmap``; see :func:`corrupt_batch`.
 
-The corruptions follow the reference thesis (Lorente Banegas 2021, sections 4.4.7-4.4.11, see
-``REFERENCE.md``):
+The catalogue (:data:`CORRUPTIONS` names each with the parameters policies use):
 
-* ``line_patch`` (4.4.7): a white line of random position, thickness and opacity, clipped to the slice maximum;
-* ``downsample`` (4.4.8): resolution reduction by 2 and back;
-* ``gibbs`` (4.4.9): drop the high frequencies of k-space;
-* ``ghost`` (4.4.10): scale every n-th line of k-space (as TorchIO ``RandomGhosting``).
+* ``line_patch`` (thesis 4.4.7): a white line of random position, thickness and opacity, clipped to the slice
+  maximum; returns its mask (``patch_box`` gives its rectangle);
+* ``downsample`` (thesis 4.4.8): resolution reduction by 2 or 4, by area resizing or by k-space cropping;
+* ``gibbs`` (thesis 4.4.9): rectangular k-space truncation along the phase-encode axis or both;
+* ``ghost`` (thesis 4.4.10, TorchIO ``Ghosting``): every n-th phase-encode line scaled, centre restored;
+* ``rician_noise``: magnitude of complex Gaussian noise at a given SNR (Gudbjartsson & Patz 1995);
+* ``spike``: k-space spikes, the herringbone artifact (TorchIO ``Spike``);
+* ``motion``: rigid in-plane motion, k-space segments from moved copies (Shaw et al. 2019, TorchIO ``Motion``);
+* ``bias_field``: smooth multiplicative polynomial bias (Van Leemput et al. 1999, TorchIO ``BiasField``);
+* ``undersample``: fastMRI Cartesian masks with a fully sampled centre, zero-filled (Zbontar et al. 2018).
 
 A :class:`Policy` (parsed once, in Python, by :func:`parse_policy`) says which of them each slice gets. The
-thesis patches every slice; here the resolution / k-space corruption is applied FIRST and the patch LAST, so
+thesis patches every slice; here the resolution / k-space corruptions are applied FIRST and the patch LAST, so
 the returned mask is exactly the set of pixels the patch changed (the thesis's order is not stated).
 """
 
@@ -23,11 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.ndimage
 
 __all__ = [
     "fft2c",
@@ -37,6 +45,13 @@ __all__ = [
     "downsample",
     "gibbs",
     "ghost",
+    "rician_noise",
+    "spike_draw",
+    "spike",
+    "motion",
+    "bias_field",
+    "undersampling_mask",
+    "undersample",
     "corrupt_image",
     "corrupt_batch",
     "Policy",
@@ -168,20 +183,47 @@ def patch_box(mask):
 # --------------------------------------------------------------------------------------------- resolution / k-space
 
 
-def downsample(key, image, factor=2):
-    """Thesis section 4.4.8 (resolution reduction): average-pool by ``factor``, resize back linearly.
+def _area_weights(size, reduced):
+    """(reduced, size) float32 matrix averaging ``size`` samples into ``reduced`` equal bins (area resizing).
 
-    ``jax.image.resize(method="linear")`` back to (H, W); H and W must be divisible by ``factor``;
-    ``factor == 1`` is the identity. ``key`` is unused (kept for the uniform signature).
+    Each bin covers ``size / reduced`` input pixels, fractional overlaps weighted by length (OpenCV's
+    ``INTER_AREA``); for a whole factor this is plain average pooling.
+    """
+    width = size / reduced
+    lo = jnp.arange(reduced, dtype=jnp.float32)[:, None] * width
+    pixel = jnp.arange(size, dtype=jnp.float32)[None, :]
+    overlap = jnp.minimum(lo + width, pixel + 1.0) - jnp.maximum(lo, pixel)
+    return jnp.clip(overlap, 0.0, None) / width
+
+
+def _crop_band(size, kept):
+    """Boolean (size,) mask of the ``kept`` central k-space lines: the spectrum of a ``kept``-line image."""
+    start = size // 2 - kept // 2
+    index = jnp.arange(size)
+    return (index >= start) & (index < start + kept)
+
+
+def downsample(key, image, factor=2, method="area"):
+    """Thesis section 4.4.8 (resolution reduction) by ``factor``, back at the input size.
+
+    ``method="area"``: area-resize to round(H / factor) x round(W / factor) (average pooling for a whole
+    factor), then ``jax.image.resize(method="linear")`` back (the thesis resized down and up). ``method="kspace"``:
+    keep only the central round(H / factor) x round(W / factor) k-space samples (what a scanner acquiring the
+    lower resolution measures), zero-fill, ``ifft2c``, magnitude. Any size works; ``factor == 1`` is the
+    identity. ``key`` is unused (kept for the uniform signature).
     """
     del key
+    if method not in ("area", "kspace"):
+        raise ValueError(f'downsample method must be "area" or "kspace", not {method!r}.')
     height, width, channels = image.shape
     if factor == 1:
         return image
-    if height % factor or width % factor:
-        raise ValueError(f"downsample factor {factor} must divide the image size {height}x{width}.")
+    reduced_h, reduced_w = max(1, round(height / factor)), max(1, round(width / factor))
     x = image.astype(jnp.float32)
-    small = x.reshape(height // factor, factor, width // factor, factor, channels).mean(axis=(1, 3))
+    if method == "kspace":
+        keep = _crop_band(height, reduced_h)[:, None] & _crop_band(width, reduced_w)[None, :]
+        return _finish(_magnitude(ifft2c(fft2c(x) * keep[..., None])), image)
+    small = jnp.einsum("ih,hwc,jw->ijc", _area_weights(height, reduced_h), x, _area_weights(width, reduced_w))
     return _finish(jax.image.resize(small, (height, width, channels), method="linear"), image)
 
 
@@ -231,26 +273,213 @@ def ghost(key, image, num_ghosts_range=(2, 4), intensity_range=(0.3, 0.8), axis=
     return _finish(_magnitude(ifft2c(fft2c(image) * scale)), image)
 
 
+# --------------------------------------------------------------------------------------------- beyond the thesis
+
+
+def rician_noise(key, image, snr_range=(10.0, 40.0), foreground=0.1):
+    """Rician noise: the magnitude of the image plus complex Gaussian noise (Gudbjartsson & Patz, MRM 1995).
+
+    The noise level 1/SNR is uniform between 1/snr_range[1] and 1/snr_range[0] (``inf`` allowed: no noise);
+    sigma = mean signal of the foreground (pixels above ``foreground`` * max) / SNR; the result is
+    ``|x + sigma * (n1 + i n2)|`` with n1, n2 ~ N(0, 1), so the background gets the Rayleigh noise floor.
+    """
+    lo, hi = snr_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"rician_noise snr_range must be 0 < low <= high, not {snr_range!r}.")
+    k_level, k_noise = jax.random.split(key)
+    inverse_snr = jax.random.uniform(k_level, (), jnp.float32, 1.0 / hi, 1.0 / lo)
+    x = image.astype(jnp.float32)
+    inside = x > foreground * jnp.max(x)
+    signal = jnp.sum(jnp.where(inside, x, 0.0)) / jnp.maximum(jnp.sum(inside), 1)
+    noise = signal * inverse_snr * jax.random.normal(k_noise, (2,) + x.shape, jnp.float32)
+    return _finish(_magnitude(jax.lax.complex(x + noise[0], noise[1])), image)
+
+
+def spike_draw(key, height, width, num_spikes_range=(1, 3), intensity_range=(0.1, 0.4)):
+    """The random part of :func:`spike`: ``(positions, active, strength)``.
+
+    ``positions`` is (max_spikes, 2) int32 k-space (row, column) indices drawn uniformly, ``active`` (max_spikes,)
+    bool marks the first n ~ U{num_spikes_range} (inclusive) of them, ``strength`` r ~ U(intensity_range).
+    """
+    n_lo, n_hi = num_spikes_range
+    if n_lo < 0 or n_hi < max(n_lo, 1):
+        raise ValueError(f"spike num_spikes_range must be 0 <= low <= high, 1 <= high, not {num_spikes_range!r}.")
+    k_n, k_row, k_col, k_r = jax.random.split(key, 4)
+    count = jax.random.randint(k_n, (), n_lo, n_hi + 1)
+    positions = jnp.stack([jax.random.randint(k_row, (n_hi,), 0, height),
+                           jax.random.randint(k_col, (n_hi,), 0, width)], axis=-1).astype(jnp.int32)
+    strength = jax.random.uniform(k_r, (), jnp.float32, *intensity_range)
+    return positions, jnp.arange(n_hi) < count, strength
+
+
+def spike(key, image, num_spikes_range=(1, 3), intensity_range=(0.1, 0.4)):
+    """k-space spikes, the herringbone / corduroy artifact (TorchIO ``Spike``).
+
+    Adds r * max|k| at each active position of :func:`spike_draw` (one side of k-space only, as TorchIO: a
+    single bad sample, not a pure cosine), ``ifft2c``, magnitude: stripes whose frequency is the spike's
+    offset from the k-space centre. r = 0 is the identity.
+    """
+    height, width = image.shape[0], image.shape[1]
+    positions, active, strength = spike_draw(key, height, width, num_spikes_range, intensity_range)
+    kspace = fft2c(image)
+    amplitude = strength * jnp.max(_magnitude(kspace)) * active
+    spikes = jnp.zeros((height, width), jnp.complex64).at[positions[:, 0], positions[:, 1]].add(amplitude)
+    return _finish(_magnitude(ifft2c(kspace + spikes[..., None])), image)
+
+
+def _rotate(x, angle):
+    """(H, W, C) float32 image rotated by ``angle`` radians about its centre (bilinear, zero outside)."""
+    height, width = x.shape[0], x.shape[1]
+    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                              indexing="ij")
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    source = [cy + cos * (rows - cy) - sin * (cols - cx), cx + sin * (rows - cy) + cos * (cols - cx)]
+
+    def one_channel(channel):
+        return jax.scipy.ndimage.map_coordinates(channel, source, order=1, mode="constant", cval=0.0)
+
+    return jax.vmap(one_channel, in_axes=2, out_axes=2)(x)
+
+
+def _shift_ramp(height, width, shift):
+    """(H, W, 1) complex64 k-space phase ramp that translates an image by ``shift`` = (rows, columns) pixels."""
+    ky = (jnp.arange(height) - height // 2).astype(jnp.float32)[:, None] / height
+    kx = (jnp.arange(width) - width // 2).astype(jnp.float32)[None, :] / width
+    phase = -2.0 * jnp.pi * (ky * shift[0] + kx * shift[1])
+    return jax.lax.complex(jnp.cos(phase), jnp.sin(phase))[..., None]
+
+
+def motion(key, image, num_moves=2, max_degrees=5.0, max_shift=0.03):
+    """Rigid in-plane motion during the acquisition (Shaw et al., MIDL 2019; TorchIO ``Motion``).
+
+    The phase-encode lines (axis 0) are acquired in ``num_moves + 1`` segments split at sorted times
+    t ~ U(0, 1); each segment's lines come from the k-space of a copy of the slice rotated by
+    theta ~ U(-max_degrees, max_degrees) about its centre (bilinear, ``jax.scipy.ndimage.map_coordinates``, zero
+    outside) and translated by (dy, dx) ~ U(-max_shift, max_shift) * (H, W) pixels (a k-space phase ramp:
+    sub-pixel and lossless). The segment holding the k-space centre keeps the unmoved pose (TorchIO swaps the
+    original spectrum there), so the result stays registered to the input. ``ifft2c``, magnitude. Zero
+    rotation and translation is the identity.
+    """
+    if num_moves < 1:
+        raise ValueError(f"motion num_moves must be at least 1, not {num_moves!r}.")
+    height, width = image.shape[0], image.shape[1]
+    poses = num_moves + 1
+    k_t, k_a, k_s = jax.random.split(key, 3)
+    starts = (jnp.sort(jax.random.uniform(k_t, (num_moves,))) * height).astype(jnp.int32)
+    segment = jnp.sum(jnp.arange(height)[:, None] >= starts[None, :], axis=1)  # (H,) pose of each line
+    still = jnp.arange(poses) == segment[height // 2]
+    angles = jax.random.uniform(k_a, (poses,), jnp.float32, -max_degrees, max_degrees) * (jnp.pi / 180.0)
+    shifts = jax.random.uniform(k_s, (poses, 2), jnp.float32, -max_shift, max_shift) * jnp.array([height, width])
+    angles = jnp.where(still, 0.0, angles)
+    shifts = jnp.where(still[:, None], 0.0, shifts)
+    x = image.astype(jnp.float32)
+
+    def pose_kspace(angle, shift):
+        return fft2c(_rotate(x, angle)) * _shift_ramp(height, width, shift)
+
+    spectra = jax.vmap(pose_kspace)(angles, shifts)  # (poses, H, W, C)
+    chosen = (segment[None, :] == jnp.arange(poses)[:, None])[:, :, None, None]
+    kspace = jnp.sum(jnp.where(chosen, spectra, 0.0), axis=0)
+    return _finish(_magnitude(ifft2c(kspace)), image)
+
+
+def bias_field(key, image, order=3, max_coefficient=0.3):
+    """Smooth multiplicative bias field (Van Leemput et al., IEEE TMI 1999; TorchIO ``BiasField``).
+
+    field = exp(sum c_ij y^i x^j) over 1 <= i + j <= ``order``, c_ij ~ U(-max_coefficient, max_coefficient),
+    y and x the pixel centres scaled to [-1, 1]; the result is image * field, clipped. Unlike TorchIO there is
+    no constant term (it would only rescale the slice, which per-slice normalisation undoes).
+    ``max_coefficient == 0`` is the identity.
+    """
+    height, width = image.shape[0], image.shape[1]
+    powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i) if i + j > 0]
+    coefficients = jax.random.uniform(key, (len(powers),), jnp.float32, -max_coefficient, max_coefficient)
+    y = (jnp.arange(height, dtype=jnp.float32) - (height - 1) / 2.0) / max((height - 1) / 2.0, 1.0)
+    x = (jnp.arange(width, dtype=jnp.float32) - (width - 1) / 2.0) / max((width - 1) / 2.0, 1.0)
+    log_field = sum(c * y[:, None] ** i * x[None, :] ** j for c, (i, j) in zip(coefficients, powers))
+    return _finish(image.astype(jnp.float32) * jnp.exp(log_field)[..., None], image)
+
+
+def undersampling_mask(key, size, acceleration=4, center_fraction=0.08, pattern="random"):
+    """(size,) bool mask of the acquired phase-encode lines, as fastMRI defines it (``fastmri.data.subsample``).
+
+    The round(size * center_fraction) central lines are always acquired (fastMRI's placement:
+    ``pad = (size - n_low + 1) // 2``). ``pattern="random"`` (``RandomMaskFunc``) adds each other line with
+    probability (size / acceleration - n_low) / (size - n_low), so size / acceleration lines are acquired on
+    average; ``pattern="equispaced"`` (``EquispacedMaskFractionFunc``) adds the lines round(offset + j * a) below
+    size - 1, a = acceleration (n_low - size) / (n_low acceleration - size), offset ~ U{0 .. round(a) - 1}.
+    fastMRI's pairs are 4x with center_fraction 0.08 and 8x with 0.04. ``center_fraction=1`` samples every line.
+    """
+    if pattern not in ("random", "equispaced"):
+        raise ValueError(f'undersampling pattern must be "random" or "equispaced", not {pattern!r}.')
+    if acceleration < 1 or not 0 <= center_fraction <= 1:
+        raise ValueError(f"undersampling needs acceleration >= 1 and 0 <= center_fraction <= 1, "
+                         f"not {acceleration!r} and {center_fraction!r}.")
+    n_low = round(size * center_fraction)
+    index = jnp.arange(size)
+    pad = (size - n_low + 1) // 2
+    acquired = (index >= pad) & (index < pad + n_low)
+    if n_low * acceleration >= size:  # the centre alone reaches the target number of lines
+        return acquired
+    if pattern == "random":
+        probability = (size / acceleration - n_low) / (size - n_low)
+        return acquired | (jax.random.uniform(key, (size,)) < probability)
+    spacing = acceleration * (n_low - size) / (n_low * acceleration - size)
+    offset = jax.random.randint(key, (), 0, max(round(spacing), 1))
+    positions = offset + jnp.arange(math.ceil(size / spacing) + 1) * spacing
+    rounded = jnp.round(positions).astype(jnp.int32)
+    hits = (rounded[:, None] == index[None, :]) & (positions < size - 1)[:, None]
+    return acquired | hits.any(axis=0)
+
+
+def undersample(key, image, acceleration=4, center_fraction=0.08, pattern="random"):
+    """Cartesian undersampling of the phase-encode axis with :func:`undersampling_mask`, zero-filled.
+
+    ``fft2c``, keep the acquired lines (zeros elsewhere), ``ifft2c``, magnitude: the zero-filled reconstruction
+    fastMRI models start from (Zbontar et al., arXiv:1811.08839). ``center_fraction=1`` is the identity.
+    """
+    mask = undersampling_mask(key, image.shape[0], acceleration, center_fraction, pattern)
+    return _finish(_magnitude(ifft2c(fft2c(image) * mask[:, None, None])), image)
+
+
 # --------------------------------------------------------------------------------------------- policy
 
-# name -> per-image function with its default (policy) parameters.
+# name -> per-image function with the parameters (sampling ranges) that policies use.
 CORRUPTIONS: dict[str, Callable] = {
-    "downsample": functools.partial(downsample, factor=2),
+    "downsample": functools.partial(downsample, factor=2, method="area"),
+    "downsample_x4": functools.partial(downsample, factor=4, method="area"),
+    "kspace_crop": functools.partial(downsample, factor=2, method="kspace"),
+    "kspace_crop_x4": functools.partial(downsample, factor=4, method="kspace"),
     "gibbs": functools.partial(gibbs, keep_fraction_range=(0.35, 0.65), axes="both"),
+    "gibbs_pe": functools.partial(gibbs, keep_fraction_range=(0.35, 0.65), axes="pe"),
     "ghost": functools.partial(ghost, num_ghosts_range=(2, 4), intensity_range=(0.3, 0.8), axis=0,
                                restore_centre=True),
+    "noise": functools.partial(rician_noise, snr_range=(10.0, 40.0)),
+    "spike": functools.partial(spike, num_spikes_range=(1, 3), intensity_range=(0.1, 0.4)),
+    "motion": functools.partial(motion, num_moves=2, max_degrees=5.0, max_shift=0.03),
+    "bias": functools.partial(bias_field, order=3, max_coefficient=0.3),
+    "undersample_random_x4": functools.partial(undersample, acceleration=4, center_fraction=0.08, pattern="random"),
+    "undersample_random_x8": functools.partial(undersample, acceleration=8, center_fraction=0.04, pattern="random"),
+    "undersample_equispaced_x4": functools.partial(undersample, acceleration=4, center_fraction=0.08,
+                                                   pattern="equispaced"),
+    "undersample_equispaced_x8": functools.partial(undersample, acceleration=8, center_fraction=0.04,
+                                                   pattern="equispaced"),
 }
 
 NAMED_POLICIES: dict[str, str] = {
     "original": "patch+downsample",
     "augmented": "patch+oneof(downsample,gibbs,ghost)",
+    "realistic": "patch+oneof(kspace_crop,gibbs_pe,ghost,motion,spike,bias,undersample_random_x4,"
+                 "undersample_equispaced_x8)+noise",
     "none": "",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """One corruption recipe per slice: one of ``kinds`` drawn uniformly, then the patch if ``patch``.
+    """One corruption recipe per slice: ``before`` in order, one of ``kinds`` drawn uniformly, ``after`` in
+    order, then the patch if ``patch``.
 
     Frozen and made of tuples/strings, so hashable and usable as a static ``jit`` argument.
     """
@@ -258,71 +487,88 @@ class Policy:
     patch: bool
     kinds: tuple[str, ...]
     spec: str
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
 
     def __post_init__(self):
-        unknown = [k for k in self.kinds if k not in CORRUPTIONS]
+        unknown = [k for k in self.before + self.kinds + self.after if k not in CORRUPTIONS]
         if unknown:
             raise ValueError(f"Unknown corruption {unknown[0]!r}; valid names are {', '.join(CORRUPTIONS)}.")
 
 
-def _canonical(patch, kinds):
-    terms = ["patch"] if patch else []
-    if len(kinds) == 1:
-        terms.append(kinds[0])
-    elif kinds:
-        terms.append(f"oneof({','.join(kinds)})")
-    return "+".join(terms) or "none"
+def _canonical(patch, before, kinds, after):
+    drawn = [kinds[0]] if len(kinds) == 1 else [f"oneof({','.join(kinds)})"] if kinds else []
+    return "+".join((["patch"] if patch else []) + list(before) + drawn + list(after)) or "none"
 
 
 def parse_policy(spec: str) -> Policy:
     """Parse a policy name or spec (in Python, once; never inside ``jit``).
 
     Names: ``original`` = ``patch+downsample``, ``augmented`` = ``patch+oneof(downsample,gibbs,ghost)``,
-    ``none`` = no corruption. Specs are ``+``-joined terms: ``patch``, a corruption name, or
-    ``oneof(a,b,...)``; at most one non-patch term. Whitespace and case are ignored.
+    ``realistic`` (see ``NAMED_POLICIES``), ``none`` = no corruption. Specs are ``+``-joined terms: ``patch``,
+    corruption names (always applied, in the written order) and at most one ``oneof(a,b,...)`` (one of them
+    drawn per slice, at its place in that order); the patch is always applied last. Without a ``oneof`` of
+    several names the first corruption is ``kinds`` and the others ``after``. Each corruption appears at
+    most once; whitespace and case are ignored.
     """
     valid = (f"valid policies are {', '.join(NAMED_POLICIES)} or '+'-joined terms among 'patch', "
-             f"{', '.join(CORRUPTIONS)} and oneof(...) of those corruptions")
+             f"{', '.join(CORRUPTIONS)} and one oneof(...) of those corruptions")
     if isinstance(spec, Policy):
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"Corruption policy must be a string, not {type(spec).__name__}; {valid}.")
     text = re.sub(r"\s+", "", spec).lower()
     text = NAMED_POLICIES.get(text, text)
-    patch, kinds_terms = False, []
+    patch, before, kinds, after = False, [], None, []
     for term in text.split("+") if text else []:
         match = re.fullmatch(r"oneof\((.*)\)", term)
         names = tuple(match.group(1).split(",")) if match else (term,)
         if term == "patch" and not patch:
             patch = True
-        elif names and all(n in CORRUPTIONS for n in names) and len(set(names)) == len(names):
-            kinds_terms.append(names)
-        else:
+        elif not all(n in CORRUPTIONS for n in names):
             raise ValueError(f"Invalid corruption policy {spec!r} (bad term {term!r}); {valid}.")
-    if len(kinds_terms) > 1:
-        raise ValueError(f"Invalid corruption policy {spec!r}: at most one non-patch term is allowed; {valid}.")
-    kinds = kinds_terms[0] if kinds_terms else ()
-    return Policy(patch=patch, kinds=kinds, spec=_canonical(patch, kinds))
+        elif match and kinds is not None:
+            raise ValueError(f"Invalid corruption policy {spec!r}: at most one oneof(...) term is allowed; {valid}.")
+        elif match:
+            kinds = names
+        else:
+            (before if kinds is None else after).append(term)
+    sequence = before + list(kinds or ()) + after
+    if len(set(sequence)) < len(sequence):
+        raise ValueError(f"Invalid corruption policy {spec!r}: each corruption may appear once; {valid}.")
+    if kinds is None or len(kinds) == 1:  # a plain sequence: its first corruption is the (only) kind
+        before, kinds, after = [], tuple(sequence[:1]), sequence[1:]
+    return Policy(patch=patch, kinds=kinds, spec=_canonical(patch, before, kinds, after), before=tuple(before),
+                  after=tuple(after))
+
+
+def _apply_in_order(key, image, names):
+    """Apply the named corruptions one after the other, each with its own key folded from ``key``."""
+    for index, name in enumerate(names):
+        image = CORRUPTIONS[name](jax.random.fold_in(key, index), image)
+    return image
 
 
 def corrupt_image(key, image, policy):
     """Apply one :class:`Policy` to one (H, W, C) image: ``(corrupted, mask, kind)``.
 
-    Draws the kind uniformly from ``policy.kinds`` (``jax.lax.switch``), applies it, then the line patch if
-    ``policy.patch``. ``mask`` is (H, W, 1) float32 (zeros without a patch); ``kind`` is an int32 index into
-    ``policy.kinds`` (0 when there is no choice). ``policy`` may also be a spec string (parsed in Python).
+    Applies ``policy.before``, then a kind drawn uniformly from ``policy.kinds`` (``jax.lax.switch``), then
+    ``policy.after``, then the line patch if ``policy.patch``. ``mask`` is (H, W, 1) float32 (zeros without a
+    patch); ``kind`` is an int32 index into ``policy.kinds`` (0 when there is no choice). ``policy`` may also
+    be a spec string (parsed in Python).
     """
     if isinstance(policy, str):
         policy = parse_policy(policy)
     k_kind, k_corrupt, k_patch = jax.random.split(key, 3)
-    out = image
+    out = _apply_in_order(jax.random.fold_in(k_kind, 1), image, policy.before)
     kind = jnp.zeros((), jnp.int32)
     if len(policy.kinds) == 1:
-        out = CORRUPTIONS[policy.kinds[0]](k_corrupt, image)
+        out = CORRUPTIONS[policy.kinds[0]](k_corrupt, out)
     elif policy.kinds:
         kind = jax.random.randint(k_kind, (), 0, len(policy.kinds)).astype(jnp.int32)
         branches = [CORRUPTIONS[name] for name in policy.kinds]
-        out = jax.lax.switch(kind, branches, k_corrupt, image)
+        out = jax.lax.switch(kind, branches, k_corrupt, out)
+    out = _apply_in_order(jax.random.fold_in(k_kind, 2), out, policy.after)
     if policy.patch:
         out, mask = line_patch(k_patch, out)
     else:
@@ -341,3 +587,50 @@ def corrupt_batch(key, images, policy):
     return jax.vmap(lambda k, x: corrupt_image(k, x, policy))(keys, images)
 
 # ---- synthetic anomalies (lesion generator; issue 6) ----
+
+__all__ += ["lesion_blob"]
+
+LESION_HARMONICS = (2, 3, 4)  # angular harmonics that make the outline irregular
+LESION_EDGE = 0.3  # the profile falls from 1 to 0 over the outer 30 % of the blob's radius
+
+
+def lesion_blob(key, image, brain_mask=None, radius_range=(0.04, 0.12), contrast_range=(0.25, 0.6),
+                hyper_probability=0.5, max_roughness=0.15):
+    """A lesion-like blob of random size, shape and contrast inside the brain; returns ``(image, mask)``.
+
+    The centre is uniform over the brain pixels (``brain_mask`` (H, W) or (H, W, 1); default: ``image > 0``;
+    anywhere if the mask is empty). The outline is an ellipse with semi-axes ``r`` and ``r * a``,
+    r ~ U(radius_range) * H, a ~ U(0.6, 1), at a random angle, its radius modulated by random harmonics 2-4 of
+    the polar angle (relative amplitudes up to ``max_roughness``). The intensity profile is 1 inside and falls
+    linearly to 0 over the outer ``LESION_EDGE`` of the radius; inside the brain only, the slice gets
+    ``+c * profile`` (hyper-intense, with probability ``hyper_probability``) or ``-c * profile`` (hypo-intense),
+    c ~ U(contrast_range), clipped to [0, 1]. ``mask`` (H, W, 1) float32 marks the brain pixels where the
+    profile is at least 0.5 (the blob's half-contrast extent).
+    """
+    height, width = image.shape[0], image.shape[1]
+    keys = jax.random.split(key, 8)
+    x = image.astype(jnp.float32)
+    region = (x[..., 0] > 0) if brain_mask is None else (jnp.reshape(brain_mask, (height, width)) > 0)
+    logits = jnp.where(region.any(), jnp.where(region.ravel(), 0.0, -jnp.inf), 0.0)
+    centre = jax.random.categorical(keys[0], logits)
+    centre_row, centre_col = (centre // width).astype(jnp.float32), (centre % width).astype(jnp.float32)
+    radius = jax.random.uniform(keys[1], (), jnp.float32, *radius_range) * height
+    aspect = jax.random.uniform(keys[2], (), jnp.float32, 0.6, 1.0)
+    angle = jax.random.uniform(keys[3], (), jnp.float32, 0.0, jnp.pi)
+    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                              indexing="ij")
+    dy, dx = rows - centre_row, cols - centre_col
+    along = dx * jnp.cos(angle) + dy * jnp.sin(angle)
+    across = -dx * jnp.sin(angle) + dy * jnp.cos(angle)
+    polar = jnp.arctan2(across, along)
+    harmonics = jnp.asarray(LESION_HARMONICS, jnp.float32)
+    amplitudes = jax.random.uniform(keys[4], harmonics.shape, jnp.float32, 0.0, max_roughness)
+    phases = jax.random.uniform(keys[5], harmonics.shape, jnp.float32, 0.0, 2 * jnp.pi)
+    outline = 1.0 + jnp.sum(amplitudes * jnp.cos(harmonics * polar[..., None] + phases), axis=-1)
+    distance = jnp.sqrt((along / radius) ** 2 + (across / (radius * aspect)) ** 2) / outline
+    profile = jnp.clip((1.0 - distance) / LESION_EDGE, 0.0, 1.0) * region
+    sign = jnp.where(jax.random.bernoulli(keys[6], hyper_probability), 1.0, -1.0)
+    contrast = jax.random.uniform(keys[7], (), jnp.float32, *contrast_range)
+    out = x + (sign * contrast * profile)[..., None]
+    mask = (profile >= 0.5).astype(jnp.float32)[..., None]
+    return _finish(out, image), mask

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 import scipy.ndimage
+import skimage.filters
 import skimage.transform
 from absl import logging
 
@@ -331,7 +332,7 @@ def _cache_file(cfg: Config, inputs) -> Optional[Path]:
         "format": CACHE_FORMAT_VERSION,
         "inputs": inputs,
         **{name: getattr(cfg, name) for name in
-           ("plane", "slices", "slab_mm", "image_size", "val_fraction", "max_subjects", "seed")},
+           ("plane", "slices", "slab_mm", "image_size", "val_fraction", "max_subjects", "seed", "skull_strip")},
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return cache_dir / f"{digest}.npz"
@@ -419,7 +420,10 @@ def load_dataset(cfg: Config) -> Dataset:
     chosen = [(place[s], read) for s, read in readers if s in place]
 
     def slices_of(read):
-        return extract_slices(*read(), cfg.plane, cfg.image_size, slices=cfg.slices, slab_mm=cfg.slab_mm)
+        volume, zooms = read()
+        if cfg.skull_strip:
+            volume = skull_strip(volume, brain_mask(volume, zooms))
+        return extract_slices(volume, zooms, cfg.plane, cfg.image_size, slices=cfg.slices, slab_mm=cfg.slab_mm)
 
     sides = ([], [])  # (subject index, slices) per volume, for train and validation
     for (side, subject), read in chosen:
@@ -439,4 +443,184 @@ def load_dataset(cfg: Config) -> Dataset:
 # ---- evaluation on unseen subjects (issue 4) ----
 
 
+def load_unseen_subjects(cfg: Config, data_dir) -> Dataset:
+    """Every subject in `data_dir` as validation slices (no split, `train` empty), prepared exactly as `cfg`
+    prepares its own data (plane, slab, size, normalisation); cached like :func:`load_dataset`."""
+    _validate(cfg)
+    paths = find_volumes(data_dir)
+    cfg = cfg.replace(data_dir=str(data_dir), max_subjects=None)
+    cache_path = _cache_file(cfg, {"every_subject": [_fingerprint(p) for p in paths]})
+    if cache_path is not None and cache_path.is_file():
+        cached = _read_cache(cache_path)
+        if cached is not None:
+            logging.info("Data: %s Read from cache %s.", cached.source, cache_path)
+            return cached
+    subjects = sorted({subject_id(p) for p in paths})
+    index = {s: i for i, s in enumerate(subjects)}
+    val, val_owner = _stack([
+        (index[subject_id(p)],
+         extract_slices(*load_volume(p), cfg.plane, cfg.image_size, slices=cfg.slices, slab_mm=cfg.slab_mm))
+        for p in paths])
+    folder = Path(data_dir).expanduser().absolute()
+    dataset = Dataset(
+        train=np.zeros((0,) + val.shape[1:], np.float32), val=val, train_subjects=(), val_subjects=tuple(subjects),
+        train_slice_subject=np.zeros(0, np.int32), val_slice_subject=val_owner,
+        source=f"{len(paths)} NIfTI volumes of {len(subjects)} subjects from {folder}, every subject (no split).",
+        cache_path=None, cache_hit=False,
+    )
+    if cache_path is not None and _write_cache(cache_path, dataset):
+        dataset = dataclasses.replace(dataset, cache_path=str(cache_path))
+    logging.info("Data: %s %d slices.", dataset.source, len(val))
+    return dataset
+
+
 # ---- whole volumes for reconstruction and detection (issue 6) ----
+
+# Whole volumes go through the same steps as the training slices (display orientation, square field of view,
+# resize, per-slice min-max), but every step's parameters are kept so slices can be put back into a volume
+# whose affine places it in scanner space.
+
+# A volume whose border voxels are (almost) all one value is taken as already masked (skull-stripped).
+MASKED_BORDER_FRACTION = 0.99
+BRAIN_EROSION_MM = 9.0  # erosion that cuts the brain from scalp, eyes and neck in a skull-on T1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SliceGeometry:
+    """Where the model-grid slices of a canonical volume came from, and how they were scaled."""
+
+    plane: str
+    volume_shape: tuple[int, int, int]  # shape of the canonical (RAS) volume that was sliced
+    indices: np.ndarray  # (n,) contiguous slice indices along the plane's axis
+    padded_shape: tuple[int, int]  # (rows, cols) of a display slice after square-FOV padding, before resizing
+    pad_before: tuple[int, int]  # rows added above and columns added on the left of each display slice
+    image_size: int
+    low: np.ndarray  # (n,) per-slice minimum that normalisation subtracted (input units; 0 when not normalised)
+    span: np.ndarray  # (n,) per-slice max - min that normalisation divided by (1 when not normalised)
+
+
+def volume_slices(volume, zooms, plane: str, image_size: int, indices=None,
+                  normalise: bool = True) -> tuple[np.ndarray, SliceGeometry]:
+    """Slices of a canonical volume prepared as in training, (n, image_size, image_size) float32, and their geometry.
+
+    `indices` are contiguous slice indices along the plane's axis (default: every slice). Slices whose padded
+    in-plane size already equals image_size pass through without resizing. normalise=False keeps intensities
+    (for masks: threshold the result at 0.5).
+    """
+    axis = _plane_axis(plane)
+    volume = np.asarray(volume, np.float32)
+    indices = np.arange(volume.shape[axis]) if indices is None else np.asarray(indices)
+    if indices.size == 0 or np.any(np.diff(indices) != 1):
+        raise ValueError("volume_slices needs a non-empty run of contiguous slice indices.")
+    first, second = (a for a in range(3) if a != axis)
+    stack = to_display(np.moveaxis(np.take(volume, indices, axis=axis), axis, 0))
+    padded = _pad_to_square_fov(stack, row_mm=float(zooms[second]), col_mm=float(zooms[first]))
+    # _pad_to_square_fov puts half the padding (rounded down) before the slice.
+    pad_before = ((padded.shape[1] - stack.shape[1]) // 2, (padded.shape[2] - stack.shape[2]) // 2)
+    resized = padded
+    if padded.shape[1:] != (image_size, image_size):
+        resized = skimage.transform.resize(padded, (len(padded), image_size, image_size), order=1,
+                                           anti_aliasing=True, preserve_range=True).astype(np.float32)
+    n = len(resized)
+    low, span = np.zeros(n, np.float32), np.ones(n, np.float32)
+    if normalise:
+        low = resized.min(axis=(1, 2))
+        span = resized.max(axis=(1, 2)) - low
+        resized = _normalise(resized)
+    geometry = SliceGeometry(plane=plane, volume_shape=tuple(volume.shape), indices=indices,
+                             padded_shape=tuple(padded.shape[1:]), pad_before=pad_before, image_size=image_size,
+                             low=low, span=span)
+    return resized.astype(np.float32), geometry
+
+
+def to_input_units(slices: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+    """Normalised (n, H, W) slices back in the input's intensity units (each slice's min-max undone)."""
+    return slices * geometry.span[:, None, None] + geometry.low[:, None, None]
+
+
+def slices_to_volume(slices: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+    """(n, S, S) display slices -> the model-grid volume, in canonical axis order (see model_grid_affine)."""
+    return np.ascontiguousarray(np.moveaxis(to_display(np.asarray(slices)), 0, _plane_axis(geometry.plane)))
+
+
+def model_grid_affine(geometry: SliceGeometry, canonical_affine: np.ndarray) -> np.ndarray:
+    """Voxel-to-world affine of the slices_to_volume volume, given the affine of the canonical volume.
+
+    In each in-plane direction a model voxel spans padded / image_size input voxels; its index u maps to the
+    input index (u + 0.5) * scale - 0.5 - p (resizing aligns pixel edges), where p is the padding on the side
+    that to_display turned away (display reverses both in-plane axes). Along the plane's axis slice k is input
+    slice indices[k].
+    """
+    axis = _plane_axis(geometry.plane)
+    first, second = (a for a in range(3) if a != axis)
+    voxel_map = np.eye(4)
+    voxel_map[axis, 3] = geometry.indices[0]
+    rows, cols = geometry.padded_shape
+    for array_axis, padded, before in ((second, rows, geometry.pad_before[0]), (first, cols, geometry.pad_before[1])):
+        scale = padded / geometry.image_size
+        after = padded - geometry.volume_shape[array_axis] - before
+        voxel_map[array_axis, array_axis] = scale
+        voxel_map[array_axis, 3] = 0.5 * scale - 0.5 - after
+    return np.asarray(canonical_affine, np.float64) @ voxel_map
+
+
+def canonical_affine(path) -> np.ndarray:
+    """Voxel-to-world affine of the canonical (RAS) array that load_volume returns for this (readable) file."""
+    image = nib.load(str(path))
+    orientation = nib.orientations.io_orientation(image.affine)
+    return image.affine @ nib.orientations.inv_ornt_aff(orientation, image.shape[:3])
+
+
+def _ball(radius_mm: float, zooms) -> np.ndarray:
+    """Ellipsoidal structuring element of radius_mm in a grid of voxel sizes `zooms`."""
+    half = [max(1, int(radius_mm // z)) for z in zooms]
+    grid = np.meshgrid(*[np.arange(-h, h + 1) * z for h, z in zip(half, zooms)], indexing="ij")
+    return sum(g ** 2 for g in grid) <= radius_mm ** 2
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = scipy.ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def brain_mask(volume, zooms) -> np.ndarray:
+    """A boolean brain mask of a canonical T1 volume, by a heuristic (give a real mask when you have one).
+
+    Already-masked (skull-stripped) volumes, whose border is one background value: the non-background region,
+    holes filled. Skull on: the Otsu foreground, eroded by BRAIN_EROSION_MM to cut the brain from scalp, eyes
+    and neck, its largest component dilated back inside the foreground, holes filled slice by slice and in 3-D.
+    Limits: it can keep some dura, sinus and cerebellar tentorium, lose dark CSF at the surface, and fail on
+    volumes with strong bias fields or little background.
+    """
+    volume = np.asarray(volume, np.float32)
+    border = np.concatenate([np.take(volume, i, a).ravel() for a in range(3) for i in (0, -1)])
+    values, counts = np.unique(border, return_counts=True)
+    if counts.max() >= MASKED_BORDER_FRACTION * border.size:
+        foreground = volume != values[np.argmax(counts)]
+        return scipy.ndimage.binary_fill_holes(_largest_component(foreground))
+    smooth = scipy.ndimage.gaussian_filter(volume, sigma=[1.0 / z for z in zooms])
+    foreground = smooth > skimage.filters.threshold_otsu(smooth)
+    ball = _ball(BRAIN_EROSION_MM, zooms)
+    core = _largest_component(scipy.ndimage.binary_erosion(foreground, ball))
+    mask = scipy.ndimage.binary_dilation(core, ball) & foreground
+    mask = np.stack([scipy.ndimage.binary_fill_holes(mask[..., k]) for k in range(mask.shape[2])], axis=2)
+    return scipy.ndimage.binary_fill_holes(_largest_component(mask))
+
+
+def skull_strip(volume, mask) -> np.ndarray:
+    """The volume with everything outside the mask set to the darkest value inside it (so it normalises to 0)."""
+    volume = np.asarray(volume, np.float32)
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return np.zeros_like(volume)
+    return np.where(mask, volume, volume[mask].min()).astype(np.float32)
+
+
+def volume_readers(data_dir: Optional[str]) -> list[tuple[str, object]]:
+    """[(subject id, function returning (canonical volume, zooms))] for a data folder, or the demo source if None."""
+    if data_dir is None:
+        return [(s, lambda v=v, z=z: (v, z)) for s, v, z in demo_volumes()[0]]
+    return [(subject_id(p), functools.partial(load_volume, p)) for p in find_volumes(data_dir)]

@@ -46,3 +46,77 @@ def save_sample_grid(path, corrupted, reconstructed, clean, patch_masks, row_lab
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_detection_grid(path, inputs, reconstructions, anomaly_maps, truths, row_labels=None) -> None:
+    """One row per case: input with the true anomaly outlined, reconstruction, anomaly map, ground truth."""
+    n = len(inputs)
+    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    titles = ("input (truth outlined)", "reconstruction", "anomaly map", "ground truth")
+    for i in range(n):
+        for j, image in enumerate((inputs[i], reconstructions[i], anomaly_maps[i], truths[i])):
+            ax = axes[i][j]
+            if j == 2:
+                shown = ax.imshow(image, cmap="inferno", vmin=0.0, vmax=max(float(np.max(image)), 1e-3))
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            else:
+                ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j])
+        if np.any(truths[i] > 0):
+            axes[i][0].contour(truths[i] > 0, levels=[0.5], colors="cyan", linewidths=0.8)
+        if row_labels is not None:
+            axes[i][0].set_ylabel(row_labels[i])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# Training curves from a run's metrics.jsonl records (the thesis's per-epoch SSIM figures).
+
+SSIM_CURVES = (("ssim_slice", "slices", "C0"), ("ssim_patch", "patches", "C1"))
+
+
+def _save_ssim_curves(path, x, xlabel: str, records: list[dict]) -> None:
+    """Model SSIM (solid) and corrupted-input SSIM (dashed) of slices and patches against `x`."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, label, colour in SSIM_CURVES:
+        ax.plot(x, [r[name] for r in records], marker="o", markersize=3, color=colour, label=f"model, {label}")
+        ax.plot(x, [r[f"input_{name}"] for r in records], linestyle="--", color=colour, label=f"input, {label}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation SSIM")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_ssim_per_epoch(path, records: list[dict]) -> None:
+    """Validation SSIM of slices and patches per epoch, beside the corrupted input's."""
+    _save_ssim_curves(path, [r["epoch"] for r in records], "epoch", records)
+
+
+def save_ssim_vs_time(path, records: list[dict]) -> None:
+    """Validation SSIM of slices and patches against training wall-clock time (minutes)."""
+    _save_ssim_curves(path, [r["wall_time_s"] / 60.0 for r in records], "training time (min)", records)
+
+
+def save_ssim_change(path, records: list[dict]) -> None:
+    """Change of validation SSIM (slices and patches) from each validation to the next: epoch over epoch-1."""
+    epochs = np.array([r["epoch"] for r in records[1:]])
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    width = 0.4 * (float(np.min(np.diff([r["epoch"] for r in records]))) if len(records) > 1 else 1.0)
+    for offset, (name, label, colour) in zip((-0.5, 0.5), SSIM_CURVES):
+        change = np.diff([r[name] for r in records])
+        ax.bar(epochs + offset * width, change, width=width, color=colour, label=label)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("SSIM change over the previous epoch")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -46,7 +46,9 @@ def build_model(cfg: Config, seed: Optional[int] = None) -> unet.UNet:
         raise UserError(f"--image_size={cfg.image_size} must be a multiple of {unet.min_image_size(spec)} "
                         f"for the {cfg.model!r} U-Net ({len(spec.features) - 1} poolings).")
     key = jax.random.fold_in(jax.random.key(cfg.seed if seed is None else seed), INIT_KEY)
-    return unet.UNet(spec, dtype=DTYPES[cfg.dtype], rngs=nnx.Rngs(params=key))
+    if cfg.conv_impl not in unet.CONV_IMPLS:
+        raise UserError(f"Unknown --conv_impl={cfg.conv_impl!r}; choose one of {', '.join(unet.CONV_IMPLS)}.")
+    return unet.UNet(spec, dtype=DTYPES[cfg.dtype], conv_impl=cfg.conv_impl, rngs=nnx.Rngs(params=key))
 
 
 def parse_policy(spec: str) -> corruptions.Policy:
@@ -132,17 +134,19 @@ def make_mesh() -> jax.sharding.Mesh:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def evaluate_slices(steps: Steps, params, images: np.ndarray, batch_size: int, mesh: jax.sharding.Mesh,
-                    policy_kinds: tuple[str, ...] = ()) -> tuple[dict, dict]:
+                    policy_kinds: tuple[str, ...] = (), keep_all: bool = False) -> tuple[dict, dict]:
     """Corrupt every slice with its fixed key, reconstruct, and average the metrics over all slices.
 
     Returns (summary, samples): summary holds the means of metrics.SLICE_METRICS (patch values averaged over the
     slices that have a patch), the same for the corrupted input under "input_*", per-kind SSIM, and the output
-    standard deviation; samples holds the first batch's corrupted inputs, outputs and masks (numpy).
+    standard deviation; samples holds the first batch's corrupted inputs, outputs and masks (numpy), or with
+    `keep_all` those of every slice in order (and "clean"), with each slice's metrics under "per_slice".
     """
     n_dev = mesh.devices.size
     batch_size = max(n_dev, math.ceil(min(batch_size, len(images)) / n_dev) * n_dev)
     sharding = NamedSharding(mesh, P("data"))
     per_slice: dict[str, list] = {}
+    kept: dict[str, list] = {}  # with keep_all: every slice's images
     samples = None
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
@@ -154,10 +158,15 @@ def evaluate_slices(steps: Steps, params, images: np.ndarray, batch_size: int, m
             params, jax.device_put(batch, sharding), jax.device_put(indices, sharding))
         for name, values in out.items():
             per_slice.setdefault(name, []).append(np.asarray(values)[:count])
-        if samples is None:
+        if keep_all:
+            for name, array in (("corrupted", corrupted), ("reconstructed", pred), ("masks", masks), ("clean", batch)):
+                kept.setdefault(name, []).append(np.asarray(array)[:count])
+        elif samples is None:
             samples = {"corrupted": np.asarray(corrupted), "reconstructed": np.asarray(pred),
                        "masks": np.asarray(masks), "clean": batch}
     values = {name: np.concatenate(parts) for name, parts in per_slice.items()}
+    if keep_all:
+        samples = {name: np.concatenate(parts) for name, parts in kept.items()} | {"per_slice": values}
     summary = {name: float(np.nanmean(values[name])) for name in metrics.SLICE_METRICS}
     summary.update({f"input_{name}": float(np.nanmean(values[f"input_{name}"])) for name in metrics.SLICE_METRICS})
     output_std = float(np.sqrt(max(np.mean(values["pred_sq_mean"]) - np.mean(values["pred_mean"]) ** 2, 0.0)))

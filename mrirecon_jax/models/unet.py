@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrirecon_jax.config import UserError
+from mrirecon_jax.models.conv import CONV_IMPLS, conv_function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +66,9 @@ def min_image_size(spec: UNetSpec) -> int:
 class ConvBlock(nnx.Module):
     """Two 3x3 convolutions, each followed by ReLU."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(in_features, out_features, (3, 3), dtype=dtype, rngs=rngs)
-        self.conv2 = nnx.Conv(out_features, out_features, (3, 3), dtype=dtype, rngs=rngs)
+    def __init__(self, in_features: int, out_features: int, *, dtype, conv, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(in_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
+        self.conv2 = nnx.Conv(out_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
 
     def __call__(self, x):
         return nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
@@ -76,15 +77,18 @@ class ConvBlock(nnx.Module):
 class UNet(nnx.Module):
     """U-Net mapping (N, H, W, C) images to (N, H, W, 1) reconstructions."""
 
-    def __init__(self, spec: UNetSpec, *, in_features: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, spec: UNetSpec, *, in_features: int = 1, dtype=jnp.float32, conv_impl: str = "auto",
+                 rngs: nnx.Rngs):
+        """`conv_impl` picks the 3x3 convolution back end (models.conv): auto, xla or im2col."""
         self.spec = spec
         feats = spec.features
-        self.down = nnx.List([ConvBlock(c_in, c_out, dtype=dtype, rngs=rngs)
+        conv = conv_function(conv_impl)
+        self.down = nnx.List([ConvBlock(c_in, c_out, dtype=dtype, conv=conv, rngs=rngs)
                               for c_in, c_out in zip((in_features,) + feats[:-2], feats[:-1])])
-        self.bottleneck = ConvBlock(feats[-2], feats[-1], dtype=dtype, rngs=rngs)
+        self.bottleneck = ConvBlock(feats[-2], feats[-1], dtype=dtype, conv=conv, rngs=rngs)
         self.up = nnx.List([nnx.ConvTranspose(c_deep, c, (2, 2), strides=(2, 2), dtype=dtype, rngs=rngs)
                             for c_deep, c in zip(feats[:0:-1], feats[-2::-1])])
-        self.up_blocks = nnx.List([ConvBlock(2 * c, c, dtype=dtype, rngs=rngs) for c in feats[-2::-1]])
+        self.up_blocks = nnx.List([ConvBlock(2 * c, c, dtype=dtype, conv=conv, rngs=rngs) for c in feats[-2::-1]])
         self.head = nnx.Conv(feats[0], 1, (1, 1), dtype=dtype, rngs=rngs)
 
     def __call__(self, x):

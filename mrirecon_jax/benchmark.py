@@ -1,0 +1,201 @@
+"""Benchmark job: compiled training throughput per device, model, image size, batch size and dtype.
+
+Every row times the very train step that training uses (`train.make_steps`, corruptions drawn inside it), and
+the same step without corruptions so their share is visible, plus inference. Figures are medians over timed
+steps after warm-up, each step waited for with `block_until_ready`. FLOPs come from XLA's cost analysis of the
+compiled step; utilisation is against the device's dense peak (a table for known accelerators; on a CPU, a
+matmul measured here in the same dtype).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mrirecon_jax import train
+from mrirecon_jax.config import Config, UserError
+
+THESIS_EPOCH_SLICES = 23_715  # 465 training subjects x 51 slices
+# Thesis hours per epoch, scaled to a 23,715-slice epoch where its run had fewer slices (REFERENCE.md).
+THESIS_HOURS_PER_EPOCH = {
+    32: {"dGPU": 0.14},  # Table 5.2, original, 51 slices
+    64: {"dGPU": 0.23, "iGPU": 16.43, "CPU": 14.61},  # Table 5.1, original, 51 slices
+    128: {"dGPU": round(0.14 * THESIS_EPOCH_SLICES / (80 * 51), 2)},  # Table 5.3: 80 training subjects x 51
+}
+# Dense peak TFLOP/s by device kind (substring match): (bfloat16, float32). float32 on NVIDIA Ampere and later is
+# the TF32 tensor-core peak, which XLA uses for float32 convolutions and matmuls at default precision.
+ACCELERATOR_PEAK_TFLOPS = {
+    "H200": (989.0, 494.0),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+    "L4": (121.0, 60.0),
+    "A10G": (70.0, 35.0),
+    "V100": (125.0, 15.7),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0),
+}
+
+
+def _median_seconds(fn, steps: int) -> tuple[float, float, float]:
+    """(median, 10th, 90th percentile) wall time of `fn()`, which must block until its result is ready."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
+
+
+def measured_matmul_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
+    """Achieved TFLOP/s of a jitted square matmul in `dtype`: the practical peak of a CPU."""
+    a = jnp.ones((size, size), train.DTYPES[dtype])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    seconds, _, _ = _median_seconds(lambda: matmul(a).block_until_ready(), repeats)
+    return 2 * size ** 3 / seconds / 1e12
+
+
+def device_peak_tflops(device, dtype: str) -> tuple[float, str]:
+    """(peak dense TFLOP/s, where the figure comes from) for one device and dtype."""
+    for name, peaks in ACCELERATOR_PEAK_TFLOPS.items():
+        if name.lower() in device.device_kind.lower():
+            return peaks[0 if dtype == "bfloat16" else 1], f"datasheet ({name})"
+    if device.platform == "cpu":
+        return measured_matmul_tflops(dtype), "measured 2048x2048 matmul"
+    return float("nan"), "unknown device"
+
+
+def _flops(compiled) -> Optional[float]:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def _memory_bytes(compiled) -> Optional[int]:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
+def _time_train_step(cfg: Config, mesh, batch, steps: int, warmup: int) -> dict:
+    graphdef, tx, state = train.init_state(cfg, mesh)
+    step_fns = train.make_steps(cfg, graphdef, tx)
+    start = time.perf_counter()
+    compiled = step_fns.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], loss = compiled(holder["state"], batch)
+        loss.block_until_ready()
+
+    for _ in range(warmup):
+        one_step()
+    median, p10, p90 = _median_seconds(one_step, steps)
+    params = holder["state"]["params"]
+    return {"compile_s": compile_s, "step_s": median, "step_s_p10": p10, "step_s_p90": p90,
+            "flops_per_step": _flops(compiled), "compiled_memory_bytes": _memory_bytes(compiled),
+            "reconstruct": step_fns.reconstruct, "params": params}
+
+
+def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3) -> dict:
+    """One row: train step with and without corruptions, and inference, for one configuration."""
+    device = mesh.devices.flat[0]
+    n_dev = mesh.devices.size
+    images = jax.random.uniform(jax.random.key(0), (cfg.batch_size, cfg.image_size, cfg.image_size, 1))
+    batch = jax.device_put(images, NamedSharding(mesh, P("data")))
+    with_corruptions = _time_train_step(cfg, mesh, batch, steps, warmup)
+    without = _time_train_step(cfg.replace(corruptions="none"), mesh, batch, steps, warmup)
+    reconstruct = with_corruptions["reconstruct"].lower(with_corruptions["params"], batch).compile()
+    for _ in range(warmup):
+        reconstruct(with_corruptions["params"], batch).block_until_ready()
+    infer_s, _, _ = _median_seconds(lambda: reconstruct(with_corruptions["params"], batch).block_until_ready(),
+                                    steps)
+    peak, peak_source = device_peak_tflops(device, cfg.dtype)
+    flops = with_corruptions["flops_per_step"]
+    step_s = with_corruptions["step_s"]
+    tflops = flops / step_s / 1e12 if flops else None
+    memory = device.memory_stats() or {}
+    images_per_s = cfg.batch_size / step_s
+    return {
+        "device": device.device_kind, "platform": device.platform, "n_devices": n_dev, "model": cfg.model,
+        "image_size": cfg.image_size, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "loss": cfg.loss,
+        "corruptions": cfg.corruptions, "conv_impl": cfg.conv_impl,
+        "compile_s": round(with_corruptions["compile_s"], 3),
+        "steps_per_s": 1.0 / step_s, "step_s_p10": with_corruptions["step_s_p10"],
+        "step_s_p90": with_corruptions["step_s_p90"], "images_per_s": images_per_s,
+        "images_per_s_per_device": images_per_s / n_dev,
+        "images_per_s_no_corruption": cfg.batch_size / without["step_s"],
+        "corruption_share": 1.0 - without["step_s"] / step_s,
+        "inference_images_per_s": cfg.batch_size / infer_s,
+        "flops_per_step": flops, "tflops_per_s": tflops, "peak_tflops": peak, "peak_source": peak_source,
+        "utilization": tflops / peak if tflops and peak == peak else None,
+        "peak_memory_bytes": memory.get("peak_bytes_in_use"),
+        "compiled_memory_bytes": with_corruptions["compiled_memory_bytes"],
+        "thesis_epoch_hours": THESIS_EPOCH_SLICES / images_per_s / 3600,
+        "thesis_hours_per_epoch": THESIS_HOURS_PER_EPOCH.get(cfg.image_size, {}),
+    }
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as a Markdown table (one line per configuration)."""
+    header = ("| device | model | px | batch | dtype | compile s | img/s | img/s no corr. | corr. share | "
+              "infer img/s | GFLOP/step | TFLOP/s | util. | mem MiB | h/thesis epoch | thesis h/epoch |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        memory = r["peak_memory_bytes"] or r["compiled_memory_bytes"]
+        thesis = ", ".join(f"{k} {v}" for k, v in r["thesis_hours_per_epoch"].items()) or "-"
+        lines.append(
+            f"| {r['device']} x{r['n_devices']} | {r['model']} | {r['image_size']} | {r['batch_size']} | {r['dtype']} "
+            f"| {r['compile_s']:.1f} | {r['images_per_s']:.1f} | {r['images_per_s_no_corruption']:.1f} "
+            f"| {100 * r['corruption_share']:.1f} % | {r['inference_images_per_s']:.1f} "
+            f"| {(r['flops_per_step'] or float('nan')) / 1e9:.1f} | {(r['tflops_per_s'] or float('nan')):.3f} "
+            f"| {100 * (r['utilization'] or float('nan')):.1f} % | {(memory or float('nan')) / 2 ** 20:.0f} "
+            f"| {r['thesis_epoch_hours']:.2f} | {thesis} |")
+    return "\n".join(lines)
+
+
+def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Sequence[int],
+                  dtypes: Sequence[str], output: Path, steps: int = 20) -> list[dict]:
+    """Benchmark every combination, write `output` (JSON) and `output` with .md, and return the rows."""
+    output = Path(output)
+    if output.suffix != ".json":
+        raise UserError(f"--output={output} must be a .json file (the Markdown table goes beside it).")
+    mesh = train.make_mesh()
+    rows = []
+    for model, size, batch, dtype in itertools.product(models, image_sizes, batch_sizes, dtypes):
+        row_cfg = cfg.replace(model=model, image_size=int(size), batch_size=int(batch), dtype=dtype)
+        train.build_model(row_cfg)  # validates the combination (preset, size, dtype) before timing anything
+        if row_cfg.batch_size % mesh.devices.size:
+            raise UserError(f"Batch size {batch} is not a multiple of the {mesh.devices.size} devices.")
+        logging.info("Benchmarking %s %d px, batch %d, %s.", model, size, batch, dtype)
+        rows.append(benchmark_one(row_cfg, mesh, steps=steps))
+    meta = {"jax_version": jax.__version__, "backend": jax.default_backend(),
+            "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "timed_steps": steps}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = markdown_table(rows)
+    output.with_suffix(".md").write_text(
+        f"# Benchmark\n\n{json.dumps(meta)}\n\n{table}\n\nThesis h/epoch: Tables 5.1-5.3 of the thesis, scaled "
+        f"to a {THESIS_EPOCH_SLICES:,}-slice epoch; h/thesis epoch: the same epoch at this row's img/s.\n")
+    print(table)
+    return rows

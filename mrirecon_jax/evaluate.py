@@ -1,0 +1,152 @@
+"""The evaluate job: a trained run, per corruption kind, beside classical baselines, with figures.
+
+Evaluated on the run's own validation subjects, or on every subject of an unseen folder prepared exactly as the
+run's data. Each corruption kind of the catalogue is evaluated as the policy ``patch+KIND``, the run's own
+policy as ``original``, and ``overall`` pools every catalogue kind (each slice once per kind). Corruptions use
+the fixed per-slice keys of ``train.evaluate_slices``, so two evaluations of a checkpoint agree to the last digit,
+and the baselines see the very inputs the model saw. Results land in ``WORKDIR/eval/``: ``metrics.json`` and
+the figures (training curves from ``metrics.jsonl``; input / output / truth / difference grids per kind).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mrirecon_jax import baselines, corruptions, data, metrics, plots, train
+from mrirecon_jax.config import UserError
+
+EVAL_DIR = "eval"
+RUN_POLICY = "original"  # the key under which the run's own corruption policy is evaluated
+OVERALL = "overall"
+SHOWN_SLICES = 5
+
+
+def evaluation_policies(run_policy: str) -> dict[str, str]:
+    """Evaluation name -> corruption policy: the run's own policy, then ``patch+KIND`` for every catalogue kind."""
+    return {RUN_POLICY: run_policy, **{kind: f"patch+{kind}" for kind in corruptions.CORRUPTIONS}}
+
+
+def _mean(values: np.ndarray) -> Optional[float]:
+    """Mean over the slices that have a value (NaN: no patch); None when none has."""
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def score_slices(output: np.ndarray, clean: np.ndarray, masks: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Per-slice metrics of one reconstruction: {"standard": ..., "thesis_compat": ...}, keys SLICE_METRICS."""
+    standard = metrics.slice_metrics(jnp.asarray(output), jnp.asarray(clean), jnp.asarray(masks))
+    return {"standard": {name: np.asarray(v, np.float64) for name, v in standard.items()},
+            "thesis_compat": metrics.thesis_metrics(output, clean, masks)}
+
+
+def summarise(scores: dict[str, dict], n_subjects: int) -> dict:
+    """Means of the per-slice scores of the model and every baseline, and the best baseline by slice SSIM."""
+
+    def means(score):
+        return {**{name: _mean(score["standard"][name]) for name in metrics.SLICE_METRICS},
+                "thesis_compat": {name: _mean(score["thesis_compat"][name]) for name in metrics.SLICE_METRICS}}
+
+    model = scores["model"]
+    found = {name: means(score) for name, score in scores.items() if name != "model"}
+    return {**means(model), "n_subjects": n_subjects, "n_slices": len(model["standard"]["ssim_slice"]),
+            "baselines": found, "best_baseline": max(found, key=lambda name: found[name]["ssim_slice"])}
+
+
+def _pool(per_kind: list[dict]) -> dict:
+    """Per-slice scores of several evaluations concatenated (same methods and metrics in each)."""
+    return {method: {group: {name: np.concatenate([s[method][group][name] for s in per_kind])
+                             for name in metrics.SLICE_METRICS}
+                     for group in ("standard", "thesis_compat")}
+            for method in per_kind[0]}
+
+
+def _evaluation_data(cfg, data_dir: Optional[str]) -> tuple[data.Dataset, str]:
+    if data_dir is None:
+        return data.load_dataset(cfg), "the run's validation subjects"
+    return data.load_unseen_subjects(cfg, data_dir), f"every subject of {data_dir} (unseen)"
+
+
+def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = None,
+                 cache_dir: Optional[str] = None) -> dict:
+    """Evaluate the run in `workdir` at `checkpoint`; write and return ``WORKDIR/eval/metrics.json``, write figures."""
+    workdir = Path(workdir)
+    run = train.restore_run(workdir, checkpoint)
+    cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
+    dataset, subjects = _evaluation_data(cfg, data_dir)
+    images = dataset.val
+    if len(images) == 0:
+        raise UserError(f"There are no slices to evaluate in {subjects}.")
+    out_dir = workdir / EVAL_DIR
+    out_dir.mkdir(exist_ok=True)
+    mesh = train.make_mesh()
+    tx = train.make_optimizer(cfg)
+    n_subjects = len(dataset.val_subjects)
+    shown = np.unique(np.linspace(0, len(images) - 1, SHOWN_SLICES).astype(int))
+    results, catalogue_scores = {}, []
+    for name, spec in evaluation_policies(cfg.corruptions).items():
+        logging.info("Evaluating %s (%s) on %d slices.", name, spec, len(images))
+        steps = train.make_steps(cfg.replace(corruptions=spec), run.graphdef, tx)
+        _, slices = train.evaluate_slices(steps, run.params, images, cfg.eval_batch_size, mesh, keep_all=True)
+        policy = train.parse_policy(spec)
+        slice_kinds = [policy.kinds[i] if policy.kinds else None for i in slices["per_slice"]["kind"]]
+        outputs = {"model": slices["reconstructed"],
+                   **baselines.baseline_outputs(slices["corrupted"], slices["masks"], slice_kinds)}
+        scores = {method: score_slices(out, slices["clean"], slices["masks"]) for method, out in outputs.items()}
+        results[name] = {"policy": policy.spec, **summarise(scores, n_subjects)}
+        if name != RUN_POLICY:
+            catalogue_scores.append(scores)
+        plots.save_sample_grid(out_dir / f"samples_{name}.png", slices["corrupted"][shown],
+                               slices["reconstructed"][shown], slices["clean"][shown], slices["masks"][shown],
+                               row_labels=[f"{name}, slice {i}" for i in shown])
+    results[OVERALL] = {"policy": "every catalogue kind above, each slice once per kind",
+                        **summarise(_pool(catalogue_scores), n_subjects)}
+    for entry in results.values():
+        entry["checkpoint_step"] = run.step
+    report = {
+        "workdir": str(workdir), "checkpoint": checkpoint, "checkpoint_step": run.step,
+        "data": dataset.source, "subjects": subjects, "n_subjects": n_subjects, "n_slices": int(len(images)),
+        "baseline_definitions": baselines.DESCRIPTIONS, "kinds": results,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    save_training_figures(workdir, out_dir)
+    return report
+
+
+def read_evaluation(workdir) -> dict:
+    """WORKDIR/eval/metrics.json as :func:`evaluate_run` wrote it."""
+    path = Path(workdir) / EVAL_DIR / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} has no {EVAL_DIR}/metrics.json; run --mode=evaluate --workdir={workdir} first.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); run --mode=evaluate again.") from None
+
+
+def read_training_records(workdir) -> list[dict]:
+    """The run's metrics.jsonl records (one per validation), in step order."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{workdir} has no metrics.jsonl; it holds no trained run.")
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON lines ({err}).") from None
+    return sorted(records, key=lambda r: r["step"])
+
+
+def save_training_figures(workdir, out_dir: Path) -> list[Path]:
+    """SSIM per epoch, SSIM change epoch over epoch-1, and SSIM against wall-clock time, from metrics.jsonl."""
+    records = read_training_records(workdir)
+    paths = [out_dir / "ssim_per_epoch.png", out_dir / "ssim_change.png", out_dir / "ssim_vs_time.png"]
+    plots.save_ssim_per_epoch(paths[0], records)
+    plots.save_ssim_change(paths[1], records)
+    plots.save_ssim_vs_time(paths[2], records)
+    return paths
+
