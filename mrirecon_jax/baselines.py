@@ -6,10 +6,10 @@ Each baseline sees the very corrupted slices the model saw (same keys) and the k
 * ``biharmonic``: biharmonic inpainting of the patch (``skimage.restoration.inpaint_biharmonic``);
 * ``classical``: the patch inpainted as above, then the slice's corruption undone by its classical method where
   one exists: bicubic interpolation from the reduced grid (recovered by least squares from the corruption's
-  linear upsampling) for ``downsample``, local sub-voxel-shift unringing
-  (Kellner et al. 2016, ``dipy.denoise.gibbs.gibbs_removal``, per 2-D slice) for ``gibbs``. Other kinds have
-  no classical restoration here, so there ``classical`` equals ``biharmonic``. The patch goes first because
-  the corruption applied it last.
+  linear upsampling) for resolution reduction by area (``downsample`` kinds), local sub-voxel-shift unringing
+  (Kellner et al. 2016, ``dipy.denoise.gibbs.gibbs_removal``, per 2-D slice) for k-space truncation
+  (``gibbs`` kinds). Other kinds have no classical restoration here, so there ``classical`` equals
+  ``biharmonic``. The patch goes first because the corruption applied it last.
 
 Slices are (N, H, W, 1) float32 in [0, 1]; outputs are clipped to [0, 1].
 """
@@ -17,7 +17,7 @@ Slices are (N, H, W, 1) float32 in [0, 1]; outputs are clipped to [0, 1].
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +28,6 @@ from dipy.denoise.gibbs import gibbs_removal
 
 from mrirecon_jax import corruptions
 
-DOWNSAMPLE_FACTOR = corruptions.CORRUPTIONS["downsample"].keywords["factor"]
-
-DESCRIPTIONS = {
-    "input": "the corrupted input itself",
-    "biharmonic": "biharmonic inpainting of the known patch (scikit-image)",
-    "classical": ("biharmonic inpainting of the patch, then bicubic interpolation from the "
-                  f"{DOWNSAMPLE_FACTOR}x-reduced grid for downsample, or local sub-voxel-shift Gibbs unringing "
-                  "(Kellner et al. 2016, dipy) for gibbs; equal to biharmonic for other kinds"),
-}
-
 
 def inpaint_patch(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(H, W) slice with the pixels of `mask` filled by biharmonic inpainting."""
@@ -47,16 +37,17 @@ def inpaint_patch(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _to_reduced_grid(size: int) -> np.ndarray:
+def _to_reduced_grid(size: int, factor: float) -> np.ndarray:
     """(reduced, size) least-squares inverse of the corruption's linear upsampling from the reduced grid."""
-    reduced = max(1, round(size / DOWNSAMPLE_FACTOR))
+    reduced = max(1, round(size / factor))
     upsample = jax.vmap(lambda e: jax.image.resize(e, (size,), method="linear"))(jnp.eye(reduced))
     return np.linalg.pinv(np.asarray(upsample, np.float64).T)
 
 
-def bicubic_upsample(image: np.ndarray) -> np.ndarray:
-    """(H, W) slice taken back to the reduced grid it was linearly upsampled from, then up again by bicubic."""
-    rows, cols = _to_reduced_grid(image.shape[0]), _to_reduced_grid(image.shape[1])
+def bicubic_upsample(image: np.ndarray, factor: float = 2) -> np.ndarray:
+    """(H, W) slice taken back to the grid reduced by `factor` it was linearly upsampled from, then up again by
+    bicubic interpolation."""
+    rows, cols = _to_reduced_grid(image.shape[0], factor), _to_reduced_grid(image.shape[1], factor)
     small = rows @ image @ cols.T
     return skimage.transform.resize(small, image.shape, order=3, mode="edge", anti_aliasing=False)
 
@@ -66,10 +57,30 @@ def gibbs_unring(image: np.ndarray) -> np.ndarray:
     return gibbs_removal(np.asarray(image, np.float64), inplace=False)
 
 
+def _restoration(corruption) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The classical restoration of a catalogue corruption, read from the function and parameters it is made of."""
+    func, params = getattr(corruption, "func", None), getattr(corruption, "keywords", {})
+    if func is corruptions.downsample and params.get("method", "area") == "area":
+        return functools.partial(bicubic_upsample, factor=params.get("factor", 2))
+    if func is corruptions.gibbs:
+        return gibbs_unring
+    return None
+
+
 # corruption kind -> its classical restoration of one (H, W) slice
 RESTORATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "downsample": bicubic_upsample,
-    "gibbs": gibbs_unring,
+    kind: restore for kind, corruption in corruptions.CORRUPTIONS.items()
+    if (restore := _restoration(corruption)) is not None}
+
+DESCRIPTIONS = {
+    "input": "the corrupted input itself",
+    "biharmonic": "biharmonic inpainting of the known patch (scikit-image)",
+    "classical": ("biharmonic inpainting of the patch, then bicubic interpolation from the reduced grid for "
+                  "resolution reduction by area ("
+                  + ", ".join(k for k, r in RESTORATIONS.items() if r is not gibbs_unring)
+                  + "), or local sub-voxel-shift Gibbs unringing (Kellner et al. 2016, dipy) for k-space "
+                  "truncation (" + ", ".join(k for k, r in RESTORATIONS.items() if r is gibbs_unring)
+                  + "); equal to biharmonic for other kinds"),
 }
 
 

@@ -571,13 +571,6 @@ def canonical_affine(path) -> np.ndarray:
     return image.affine @ nib.orientations.inv_ornt_aff(orientation, image.shape[:3])
 
 
-def _ball(radius_mm: float, zooms) -> np.ndarray:
-    """Ellipsoidal structuring element of radius_mm in a grid of voxel sizes `zooms`."""
-    half = [max(1, int(radius_mm // z)) for z in zooms]
-    grid = np.meshgrid(*[np.arange(-h, h + 1) * z for h, z in zip(half, zooms)], indexing="ij")
-    return sum(g ** 2 for g in grid) <= radius_mm ** 2
-
-
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, count = scipy.ndimage.label(mask)
     if count == 0:
@@ -603,9 +596,9 @@ def brain_mask(volume, zooms) -> np.ndarray:
         return scipy.ndimage.binary_fill_holes(_largest_component(foreground))
     smooth = scipy.ndimage.gaussian_filter(volume, sigma=[1.0 / z for z in zooms])
     foreground = smooth > skimage.filters.threshold_otsu(smooth)
-    ball = _ball(BRAIN_EROSION_MM, zooms)
-    core = _largest_component(scipy.ndimage.binary_erosion(foreground, ball))
-    mask = scipy.ndimage.binary_dilation(core, ball) & foreground
+    # Erosion and dilation by a ball of BRAIN_EROSION_MM, as Euclidean distances in mm (any voxel size).
+    core = _largest_component(scipy.ndimage.distance_transform_edt(foreground, sampling=zooms) > BRAIN_EROSION_MM)
+    mask = (scipy.ndimage.distance_transform_edt(~core, sampling=zooms) <= BRAIN_EROSION_MM) & foreground
     mask = np.stack([scipy.ndimage.binary_fill_holes(mask[..., k]) for k in range(mask.shape[2])], axis=2)
     return scipy.ndimage.binary_fill_holes(_largest_component(mask))
 

@@ -10,16 +10,17 @@ the figures (training curves from ``metrics.jsonl``; input / output / truth / di
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from mrirecon_jax import baselines, corruptions, data, metrics, plots, train
-from mrirecon_jax.config import UserError
+from mrirecon_jax.config import Config, UserError
 
 EVAL_DIR = "eval"
 RUN_POLICY = "original"  # the key under which the run's own corruption policy is evaluated
@@ -27,9 +28,15 @@ OVERALL = "overall"
 SHOWN_SLICES = 5
 
 
-def evaluation_policies(run_policy: str) -> dict[str, str]:
-    """Evaluation name -> corruption policy: the run's own policy, then ``patch+KIND`` for every catalogue kind."""
-    return {RUN_POLICY: run_policy, **{kind: f"patch+{kind}" for kind in corruptions.CORRUPTIONS}}
+def evaluation_policies(run_policy: str, kinds: Optional[Sequence[str]] = None) -> dict[str, str]:
+    """Evaluation name -> corruption policy: the run's own policy, then ``patch+KIND`` for every catalogue kind
+    (or only for `kinds`)."""
+    kinds = list(corruptions.CORRUPTIONS) if kinds is None else list(kinds)
+    unknown = [kind for kind in kinds if kind not in corruptions.CORRUPTIONS]
+    if unknown:
+        raise UserError(f"Unknown corruption kind {unknown[0]!r}; the catalogue has "
+                        f"{', '.join(corruptions.CORRUPTIONS)}.")
+    return {RUN_POLICY: run_policy, **{kind: f"patch+{kind}" for kind in kinds}}
 
 
 def _mean(values: np.ndarray) -> Optional[float]:
@@ -66,6 +73,12 @@ def _pool(per_kind: list[dict]) -> dict:
             for method in per_kind[0]}
 
 
+@functools.lru_cache(maxsize=32)
+def _eval_steps(cfg: Config, graphdef) -> train.Steps:
+    """The run's jitted steps for one policy, kept so that evaluating a run again does not compile again."""
+    return train.make_steps(cfg, graphdef, train.make_optimizer(cfg))
+
+
 def _evaluation_data(cfg, data_dir: Optional[str]) -> tuple[data.Dataset, str]:
     if data_dir is None:
         return data.load_dataset(cfg), "the run's validation subjects"
@@ -73,8 +86,9 @@ def _evaluation_data(cfg, data_dir: Optional[str]) -> tuple[data.Dataset, str]:
 
 
 def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = None,
-                 cache_dir: Optional[str] = None) -> dict:
-    """Evaluate the run in `workdir` at `checkpoint`; write and return ``WORKDIR/eval/metrics.json``, write figures."""
+                 cache_dir: Optional[str] = None, kinds: Optional[Sequence[str]] = None) -> dict:
+    """Evaluate the run in `workdir` at `checkpoint` on every catalogue kind (or only `kinds`); write and return
+    ``WORKDIR/eval/metrics.json``, write the figures."""
     workdir = Path(workdir)
     run = train.restore_run(workdir, checkpoint)
     cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
@@ -85,15 +99,14 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
     out_dir = workdir / EVAL_DIR
     out_dir.mkdir(exist_ok=True)
     mesh = train.make_mesh()
-    tx = train.make_optimizer(cfg)
     n_subjects = len(dataset.val_subjects)
     shown = np.unique(np.linspace(0, len(images) - 1, SHOWN_SLICES).astype(int))
     results, catalogue_scores = {}, []
-    for name, spec in evaluation_policies(cfg.corruptions).items():
+    for name, spec in evaluation_policies(cfg.corruptions, kinds).items():
         logging.info("Evaluating %s (%s) on %d slices.", name, spec, len(images))
-        steps = train.make_steps(cfg.replace(corruptions=spec), run.graphdef, tx)
-        _, slices = train.evaluate_slices(steps, run.params, images, cfg.eval_batch_size, mesh, keep_all=True)
         policy = train.parse_policy(spec)
+        steps = _eval_steps(run.cfg.replace(corruptions=policy.spec), run.graphdef)
+        _, slices = train.evaluate_slices(steps, run.params, images, cfg.eval_batch_size, mesh, keep_all=True)
         slice_kinds = [policy.kinds[i] if policy.kinds else None for i in slices["per_slice"]["kind"]]
         outputs = {"model": slices["reconstructed"],
                    **baselines.baseline_outputs(slices["corrupted"], slices["masks"], slice_kinds)}
@@ -104,8 +117,9 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
         plots.save_sample_grid(out_dir / f"samples_{name}.png", slices["corrupted"][shown],
                                slices["reconstructed"][shown], slices["clean"][shown], slices["masks"][shown],
                                row_labels=[f"{name}, slice {i}" for i in shown])
-    results[OVERALL] = {"policy": "every catalogue kind above, each slice once per kind",
-                        **summarise(_pool(catalogue_scores), n_subjects)}
+    if catalogue_scores:
+        results[OVERALL] = {"policy": "every catalogue kind above, each slice once per kind",
+                            **summarise(_pool(catalogue_scores), n_subjects)}
     for entry in results.values():
         entry["checkpoint_step"] = run.step
     report = {

@@ -2,8 +2,8 @@
 
 The thesis's Figure 4.5 showed one slice patched, reduced in resolution, with Gibbs ringing and with ghosting;
 this draws the clean slice, the patch and every kind in :data:`corruptions.CORRUPTIONS`, each above the log
-magnitude of its centred k-space (``log(1 + |fft2c|)``, one grey scale shared by all panels, so removed
-k-space samples show dark and added ones bright).
+magnitude of its centred k-space (``log(1 + |fft2c|)``, one grey scale shared by all panels and saturating the
+clean spectrum's brightest 1 %, so removed k-space samples show dark and added ones bright).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def _draw(path: Path, panels: dict, title: str) -> None:
     """Grid of panels, COLUMNS per row: each image above its k-space magnitude."""
     rows = -(-len(panels) // COLUMNS)
     fig, axes = plt.subplots(2 * rows, COLUMNS, figsize=(1.9 * COLUMNS, 3.9 * rows), squeeze=False)
-    kspace_max = float(panels["clean"][1].max())
+    # The DC peak would make the rest of k-space black: saturate the brightest 1 % of the clean spectrum.
+    kspace_max = float(np.percentile(panels["clean"][1], 99))
     for ax in axes.ravel():
         ax.set_axis_off()
     for index, (name, (image, kspace)) in enumerate(panels.items()):

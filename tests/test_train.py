@@ -83,7 +83,9 @@ def _records(tmp_path, workdir):
 
 def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
     """Stop at step 3, rerun to step 7: same metrics as one run of 7 steps (data order, keys and state)."""
-    _run(tmp_path, "interrupted", max_steps=3)
+    _run(tmp_path, "interrupted", max_steps=3, checkpoint_every_steps=2)
+    saved = sorted(int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [2, 3]  # every 2 steps, and at the stop
     resumed = _run(tmp_path, "interrupted", max_steps=7)
     straight = _run(tmp_path, "straight", max_steps=7)
     assert resumed["step"] == straight["step"] == 7
