@@ -93,8 +93,10 @@ def config_from_flags() -> Config:
         changes["slices"] = None
     elif "slices" in changes:
         changes["slab_mm"] = None
-    if "data_dir" in changes and not Path(changes["data_dir"]).is_dir():
-        raise UserError(f"--data_dir={changes['data_dir']} is not a directory.")
+    if "data_dir" in changes:
+        if not Path(changes["data_dir"]).is_dir():
+            raise UserError(f"--data_dir={changes['data_dir']} is not a directory.")
+        changes["data_dir"] = str(Path(changes["data_dir"]).resolve())  # the run's record works from anywhere
     return cfg.replace(**changes)
 
 

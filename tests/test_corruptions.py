@@ -120,7 +120,7 @@ def test_policy_none_is_identity():
     assert mask.shape == (64, 64, 1) and float(mask.sum()) == 0.0 and int(kind) == 0
 
 
-# ------------------------------------------------------------------------------------------- randomness, vmap, jit, grad
+# ------------------------------------------------------------------------------------- randomness, vmap, jit, grad
 
 
 def test_same_key_same_output_different_keys_differ():
@@ -298,7 +298,7 @@ def test_gibbs_overshoot_of_a_step_edge():
     img[size // 2:] = high
     out = np.asarray(C.gibbs(KEY, jnp.asarray(img), keep_fraction_range=(0.25, 0.25), axes="pe"))
     overshoot = (out.max() - high) / (high - low)
-    assert 0.05 < overshoot < 0.14
+    assert 0.07 < overshoot < 0.11  # the Gibbs phenomenon: ~9 % of the jump (8.5 % measured here)
     # Ringing is along axis 0 only: every column is the same profile.
     np.testing.assert_allclose(out, np.broadcast_to(out[:, :1], out.shape), atol=1e-5)
 

@@ -231,6 +231,22 @@ def test_brain_mask_of_skull_on_ixi_and_skull_stripped_glioma(ixi_dir):
     assert mask[lesion > 0].mean() > 0.99
 
 
+def test_skull_strip_runs_train_on_masked_slices_cached_apart(ixi_dir, tmp_path):
+    subset = tmp_path / "ixi"
+    subset.mkdir()
+    for path in sorted(ixi_dir.glob("*.nii.gz"))[:2]:
+        (subset / path.name).symlink_to(path)
+    cfg = Config(data_dir=str(subset), cache_dir=str(tmp_path / "cache"), image_size=32, slices=4, slab_mm=None)
+    plain = data.load_dataset(cfg)
+    stripped = data.load_dataset(cfg.replace(skull_strip=True))
+    assert stripped.cache_path != plain.cache_path and not stripped.cache_hit
+    volume, zooms = data.load_volume(next(subset.glob(f"{stripped.val_subjects[0]}-*")))
+    expected = data.extract_slices(data.skull_strip(volume, data.brain_mask(volume, zooms)), zooms, "axial", 32,
+                                   slices=4)
+    np.testing.assert_allclose(stripped.val[..., 0], expected, atol=1e-6)
+    assert (stripped.val == 0).mean() > (plain.val == 0).mean() + 0.1  # scalp and skull are gone
+
+
 # --- end to end on a tiny trained run ------------------------------------------------------------------
 
 
