@@ -182,16 +182,8 @@ def extract_slices(volume, zooms, plane, image_size, slices=None, slab_mm=None) 
     axis = _plane_axis(plane)
     if image_size < 8:
         raise UserError(f"--image_size must be at least 8, got {image_size}.")
-    volume = np.asarray(volume, np.float32)
-    indices = slab_indices(volume.shape[axis], float(zooms[axis]), slices, slab_mm)
-    stack = np.moveaxis(np.take(volume, indices, axis=axis), axis, 0)  # (n, a, b), a < b the in-plane axes
-    first, second = (a for a in range(3) if a != axis)
-    stack = to_display(stack)  # rows run along `second`, columns along `first`
-    stack = _pad_to_square_fov(stack, row_mm=float(zooms[second]), col_mm=float(zooms[first]))
-    stack = skimage.transform.resize(
-        stack, (stack.shape[0], image_size, image_size), order=1, anti_aliasing=True, preserve_range=True
-    )
-    return _normalise(stack.astype(np.float32))
+    indices = slab_indices(np.shape(volume)[axis], float(zooms[axis]), slices, slab_mm)
+    return volume_slices(volume, zooms, plane, image_size, indices=indices)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

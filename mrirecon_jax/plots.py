@@ -18,45 +18,12 @@ def _box(mask: np.ndarray):
     return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
 
 
-def save_sample_grid(path, corrupted, reconstructed, clean, patch_masks, row_labels=None) -> None:
-    """One row per slice: input (patch rectangle drawn), output, ground truth, |output - truth| heat map."""
-    n = len(clean)
-    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
-    titles = ("input", "reconstruction", "ground truth", "|difference|")
-    for i in range(n):
-        diff = np.abs(reconstructed[i, ..., 0] - clean[i, ..., 0])
-        images = (corrupted[i, ..., 0], reconstructed[i, ..., 0], clean[i, ..., 0], diff)
+def _image_grid(path, rows, titles, heat_column: int, row_labels=None, decorate=None) -> None:
+    """A grid of grey images with one 'inferno' heat-map column; decorate(i, first_axis) draws on row i."""
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.5 * len(titles), 2.6 * len(rows)), squeeze=False)
+    for i, images in enumerate(rows):
         for j, (ax, image) in enumerate(zip(axes[i], images)):
-            if j == 3:
-                shown = ax.imshow(image, cmap="inferno", vmin=0.0, vmax=max(float(diff.max()), 1e-3))
-                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-            else:
-                ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(titles[j])
-        box = _box(patch_masks[i, ..., 0] > 0)
-        if box is not None:
-            r0, r1, c0, c1 = box
-            axes[i][0].add_patch(matplotlib.patches.Rectangle(
-                (c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, edgecolor="cyan", linewidth=1.2))
-        if row_labels is not None:
-            axes[i][0].set_ylabel(row_labels[i])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save_detection_grid(path, inputs, reconstructions, anomaly_maps, truths, row_labels=None) -> None:
-    """One row per case: input with the true anomaly outlined, reconstruction, anomaly map, ground truth."""
-    n = len(inputs)
-    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
-    titles = ("input (truth outlined)", "reconstruction", "anomaly map", "ground truth")
-    for i in range(n):
-        for j, image in enumerate((inputs[i], reconstructions[i], anomaly_maps[i], truths[i])):
-            ax = axes[i][j]
-            if j == 2:
+            if j == heat_column:
                 shown = ax.imshow(image, cmap="inferno", vmin=0.0, vmax=max(float(np.max(image)), 1e-3))
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
             else:
@@ -65,13 +32,40 @@ def save_detection_grid(path, inputs, reconstructions, anomaly_maps, truths, row
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(titles[j])
-        if np.any(truths[i] > 0):
-            axes[i][0].contour(truths[i] > 0, levels=[0.5], colors="cyan", linewidths=0.8)
+        if decorate is not None:
+            decorate(i, axes[i][0])
         if row_labels is not None:
             axes[i][0].set_ylabel(row_labels[i])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_sample_grid(path, corrupted, reconstructed, clean, patch_masks, row_labels=None) -> None:
+    """One row per slice: input (patch rectangle drawn), output, ground truth, |output - truth| heat map."""
+
+    def draw_box(i, ax):
+        box = _box(patch_masks[i, ..., 0] > 0)
+        if box is not None:
+            r0, r1, c0, c1 = box
+            ax.add_patch(matplotlib.patches.Rectangle(
+                (c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, edgecolor="cyan", linewidth=1.2))
+
+    rows = [(corrupted[i, ..., 0], reconstructed[i, ..., 0], clean[i, ..., 0],
+             np.abs(reconstructed[i, ..., 0] - clean[i, ..., 0])) for i in range(len(clean))]
+    _image_grid(path, rows, ("input", "reconstruction", "ground truth", "|difference|"), 3, row_labels, draw_box)
+
+
+def save_detection_grid(path, inputs, reconstructions, anomaly_maps, truths, row_labels=None) -> None:
+    """One row per case: input with the true anomaly outlined, reconstruction, anomaly map, ground truth."""
+
+    def outline(i, ax):
+        if np.any(truths[i] > 0):
+            ax.contour(truths[i] > 0, levels=[0.5], colors="cyan", linewidths=0.8)
+
+    rows = list(zip(inputs, reconstructions, anomaly_maps, truths))
+    _image_grid(path, rows, ("input (truth outlined)", "reconstruction", "anomaly map", "ground truth"), 2,
+                row_labels, outline)
 
 
 # Training curves from a run's metrics.jsonl records (the thesis's per-epoch SSIM figures).
