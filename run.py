@@ -216,7 +216,7 @@ def detect_eval_job():
     results = infer.detect_eval(workdir, FLAGS.data_dir, checkpoint=FLAGS.checkpoint,
                                 max_subjects=FLAGS.max_subjects, residual=FLAGS.residual, seed=FLAGS.seed)
     print(json.dumps({"kinds": results["kinds"], "overall": results["overall"]}))
-    print(f"Detection metrics written to {workdir / 'detect' / 'metrics.json'} and cases.png")
+    print(f"Detection metrics written to {workdir / infer.DETECT_DIR / 'metrics.json'} and cases.png")
 
 
 JOBS = {"train": train_job, "evaluate": evaluate_job, "report": report_job, "benchmark": benchmark_job,

@@ -143,21 +143,9 @@ def read_evaluation(workdir) -> dict:
         raise UserError(f"{path} is not valid JSON ({err}); run --mode=evaluate again.") from None
 
 
-def read_training_records(workdir) -> list[dict]:
-    """The run's metrics.jsonl records (one per validation), in step order."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{workdir} has no metrics.jsonl; it holds no trained run.")
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON lines ({err}).") from None
-    return sorted(records, key=lambda r: r["step"])
-
-
 def save_training_figures(workdir, out_dir: Path) -> list[Path]:
     """SSIM per epoch, SSIM change epoch over epoch-1, and SSIM against wall-clock time, from metrics.jsonl."""
-    records = read_training_records(workdir)
+    records = train.read_metrics(workdir)
     paths = [out_dir / "ssim_per_epoch.png", out_dir / "ssim_change.png", out_dir / "ssim_vs_time.png"]
     plots.save_ssim_per_epoch(paths[0], records)
     plots.save_ssim_change(paths[1], records)

@@ -184,10 +184,7 @@ def _write(slices: np.ndarray, prepared: PreparedVolume, output, input_path, res
 
 def _corrupt(slices: np.ndarray, spec: str, seed: int) -> np.ndarray:
     """Each slice corrupted by the policy `spec` with its own key (seed, slice index)."""
-    try:
-        policy = corruptions.parse_policy(spec)
-    except ValueError as err:
-        raise UserError(f"--corrupt={spec!r}: {err}") from None
+    policy = train.parse_policy(spec, "--corrupt")
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(len(slices)))
     corrupt = jax.jit(jax.vmap(lambda k, x: corruptions.corrupt_image(k, x, policy)[0]))
     return np.asarray(corrupt(keys, jnp.asarray(slices[..., None])))[..., 0]

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mrirecon_jax import corruptions, evaluate
+from mrirecon_jax import corruptions, evaluate, train
 from mrirecon_jax.config import Config, UserError
 
 MARKER = "<!-- written by mrirecon-jax --mode=report -->"
@@ -125,7 +125,7 @@ def _read_run(workdir: str) -> _Run:
         split = json.loads((path / "split.json").read_text()) if (path / "split.json").is_file() else {}
     except (json.JSONDecodeError, TypeError) as err:
         raise UserError(f"{path} holds an unreadable config.json or split.json ({err}).") from None
-    return _Run(str(workdir), path, cfg, split, evaluate.read_training_records(path), evaluation)
+    return _Run(str(workdir), path, cfg, split, train.read_metrics(path), evaluation)
 
 
 def _main_rows(run: _Run) -> list[str]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mrirecon_jax import corruptions, data, losses, metrics, plots
 from mrirecon_jax.config import RESUMABLE_FIELDS, Config, UserError
-from mrirecon_jax.models import unet
+from mrirecon_jax.models import conv, unet
 
 TRAIN_KEY, EVAL_KEY, INIT_KEY = 0, 1, 2  # fold_in tags that separate the uses of the run's seed
 COLLAPSE_STD = 1e-3  # validation outputs with a smaller standard deviation are a collapsed (constant) model
@@ -46,17 +46,17 @@ def build_model(cfg: Config, seed: Optional[int] = None) -> unet.UNet:
         raise UserError(f"--image_size={cfg.image_size} must be a multiple of {unet.min_image_size(spec)} "
                         f"for the {cfg.model!r} U-Net ({len(spec.features) - 1} poolings).")
     key = jax.random.fold_in(jax.random.key(cfg.seed if seed is None else seed), INIT_KEY)
-    if cfg.conv_impl not in unet.CONV_IMPLS:
-        raise UserError(f"Unknown --conv_impl={cfg.conv_impl!r}; choose one of {', '.join(unet.CONV_IMPLS)}.")
+    if cfg.conv_impl not in conv.CONV_IMPLS:
+        raise UserError(f"Unknown --conv_impl={cfg.conv_impl!r}; choose one of {', '.join(conv.CONV_IMPLS)}.")
     return unet.UNet(spec, dtype=DTYPES[cfg.dtype], conv_impl=cfg.conv_impl, rngs=nnx.Rngs(params=key))
 
 
-def parse_policy(spec: str) -> corruptions.Policy:
-    """The corruption policy of `--corruptions`, with a bad spec reported as a UserError."""
+def parse_policy(spec: str, flag: str = "--corruptions") -> corruptions.Policy:
+    """The corruption policy of a spec given as `flag`, with a bad spec reported as a UserError."""
     try:
         return corruptions.parse_policy(spec)
     except ValueError as err:
-        raise UserError(f"--corruptions={spec!r}: {err}") from None
+        raise UserError(f"{flag}={spec!r}: {err}") from None
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -268,6 +268,18 @@ def restore_run(workdir, checkpoint: str = "best") -> TrainedRun:
     finally:
         manager.close()
     return TrainedRun(cfg=cfg, graphdef=graphdef, params=state["params"], step=int(step))
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The run's metrics.jsonl records (one per validation), in step order."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{workdir} has no metrics.jsonl; it holds no trained run.")
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON lines ({err}).") from None
+    return sorted(records, key=lambda r: r["step"])
 
 
 def append_jsonl(path: Path, record: dict) -> None:

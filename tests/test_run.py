@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("step", "epoch", "wall_time_s", "train_loss", "ssim_slice", "ssim_patch", "psnr_slice", "psnr_patch",
             "mse_slice", "mse_patch")

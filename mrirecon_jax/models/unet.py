@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrirecon_jax.config import UserError
-from mrirecon_jax.models.conv import CONV_IMPLS, conv_function
+from mrirecon_jax.models.conv import conv_function
 
 
 @dataclasses.dataclass(frozen=True)
