@@ -12,11 +12,13 @@ import dataclasses
 import importlib
 import json
 import logging as std_logging
+import os
 import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 
+from mrirecon_jax import cpu
 from mrirecon_jax.config import Config, UserError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
@@ -54,8 +56,9 @@ flags.DEFINE_float("max_train_minutes", None, "Stop (with a final validation and
 flags.DEFINE_integer("seed", None, "Seed for the split, initialisation, corruptions and batch order.")
 flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every N steps (besides every epoch).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of the model.")
-flags.DEFINE_enum("conv_impl", None, ["auto", "xla", "im2col"], "3x3 convolution back end: auto (im2col on small "
-                  "grids on CPU, XLA elsewhere), xla, or im2col.")
+flags.DEFINE_enum("conv_impl", None, ["auto", "xla", "im2col"], "Convolution back end (models/conv.py): auto "
+                  "(up-convs as matmuls; 3x3 as im2col on small grids on CPU, XLA's elsewhere), xla (XLA's "
+                  "convolutions throughout, the reference), or im2col (3x3 as im2col matmuls everywhere).")
 
 # Flags of the jobs other than training (each job reads only its own).
 flags.DEFINE_string("checkpoint", "best", "evaluate/reconstruct/detect: which checkpoint: best, last or a step.")
@@ -70,6 +73,8 @@ flags.DEFINE_enum("residual", "abs", ["abs", "pos", "neg"], "detect: which resid
 flags.DEFINE_list("image_sizes", None, "benchmark: image sizes, e.g. 32,64,128.")
 flags.DEFINE_list("batch_sizes", None, "benchmark: batch sizes, e.g. 8,32.")
 flags.DEFINE_list("dtypes", None, "benchmark: compute dtypes, e.g. float32,bfloat16.")
+flags.DEFINE_enum("peer", "none", ["none", "torch"], "benchmark: also time the same U-Net in PyTorch "
+                  "(experiments/peer_torch.py; needs torch installed) and report our speed relative to it.")
 
 CONFIG_FLAGS = [f.name for f in dataclasses.fields(Config) if f.name in FLAGS]
 
@@ -101,18 +106,21 @@ def config_from_flags() -> Config:
 
 
 def select_backend(backend) -> None:
-    """Make JAX use `backend`, or raise UserError if this machine does not have it."""
+    """Make JAX use `backend`, or raise UserError if this machine does not have it; on CPU, keep freed memory
+    in the heap (mrirecon_jax.cpu)."""
     import jax
 
-    if backend is None:
-        return
-    jax.config.update("jax_platforms", {"gpu": "cuda,rocm"}.get(backend, backend))
+    if backend is not None:
+        jax.config.update("jax_platforms", {"gpu": "cuda,rocm"}.get(backend, backend))
     try:
         devices = jax.devices()
     except RuntimeError:
         raise UserError(f"Backend {backend!r} is not available on this machine "
                         "(check the jax installation for it, or use --backend=cpu).") from None
-    logging.info("Backend %s: %d device(s), %s.", backend, len(devices), devices[0].device_kind)
+    if jax.default_backend() == "cpu":
+        cpu.keep_freed_memory()
+    logging.info("Backend %s: %d device(s), %s; XLA_FLAGS=%r.", jax.default_backend(), len(devices),
+                 devices[0].device_kind, os.environ.get("XLA_FLAGS", ""))
 
 
 def workdir_flag(must_exist: bool = False) -> Path:
@@ -180,7 +188,7 @@ def benchmark_job():
     benchmark.run_benchmark(
         cfg, models=cfg.model.split(","), image_sizes=_int_list("image_sizes", cfg.image_size),
         batch_sizes=_int_list("batch_sizes", cfg.batch_size), dtypes=FLAGS.dtypes or [cfg.dtype],
-        output=Path(FLAGS.output or "runs/benchmark/bench.json"))
+        output=Path(FLAGS.output or "runs/benchmark/bench.json"), peer=FLAGS.peer)
 
 
 def gallery_job():

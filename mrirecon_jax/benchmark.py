@@ -4,7 +4,9 @@ Every row times the very train step that training uses (`train.make_steps`, corr
 the same step without corruptions so their share is visible, plus inference. Figures are medians over timed
 steps after warm-up, each step waited for with `block_until_ready`. FLOPs come from XLA's cost analysis of the
 compiled step; utilisation is against the device's dense peak (a table for known accelerators; on a CPU, a
-matmul measured here in the same dtype).
+matmul measured here in the same dtype). With ``peer="torch"`` the same network's train step is also timed in
+PyTorch (`experiments/peer_torch.py`, run as a separate process; torch is not a dependency) and each row gets
+``peer_images_per_s`` and ``speed_vs_peer`` (ours without corruptions / the peer's, which has none).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import itertools
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,8 +27,11 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mrirecon_jax import train
+from mrirecon_jax import cpu, train
 from mrirecon_jax.config import Config, UserError
+
+PEER_SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "peer_torch.py"
+PEERS = ("none", "torch")
 
 THESIS_EPOCH_SLICES = 23_715  # 465 training subjects x 51 slices
 # Thesis hours per epoch, scaled to a 23,715-slice epoch where its run had fewer slices (REFERENCE.md).
@@ -155,29 +162,74 @@ def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3) -> dict:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """The rows as a Markdown table (one line per configuration)."""
+    """The rows as a Markdown table (one line per configuration; peer columns when a peer was timed)."""
+    with_peer = any("peer_images_per_s" in r for r in rows)
     header = ("| device | model | px | batch | dtype | compile s | img/s | img/s no corr. | corr. share | "
-              "infer img/s | GFLOP/step | TFLOP/s | util. | mem MiB | h/thesis epoch | thesis h/epoch |")
+              "infer img/s | GFLOP/step | TFLOP/s | util. | mem MiB | h/thesis epoch | thesis h/epoch |"
+              + (" peer img/s | vs peer |" if with_peer else ""))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         memory = r["peak_memory_bytes"] or r["compiled_memory_bytes"]
         thesis = ", ".join(f"{k} {v}" for k, v in r["thesis_hours_per_epoch"].items()) or "-"
+        peer = (f" {r['peer_images_per_s']:.1f} | {r['speed_vs_peer']:.2f}x |" if "peer_images_per_s" in r
+                else " - | - |") if with_peer else ""
         lines.append(
             f"| {r['device']} x{r['n_devices']} | {r['model']} | {r['image_size']} | {r['batch_size']} | {r['dtype']} "
             f"| {r['compile_s']:.1f} | {r['images_per_s']:.1f} | {r['images_per_s_no_corruption']:.1f} "
             f"| {100 * r['corruption_share']:.1f} % | {r['inference_images_per_s']:.1f} "
             f"| {(r['flops_per_step'] or float('nan')) / 1e9:.1f} | {(r['tflops_per_s'] or float('nan')):.3f} "
             f"| {100 * (r['utilization'] or float('nan')):.1f} % | {(memory or float('nan')) / 2 ** 20:.0f} "
-            f"| {r['thesis_epoch_hours']:.2f} | {thesis} |")
+            f"| {r['thesis_epoch_hours']:.2f} | {thesis} |{peer}")
     return "\n".join(lines)
 
 
+def peer_rows(models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Sequence[int],
+              dtypes: Sequence[str], steps: int) -> list[dict]:
+    """Time the same U-Net train step (MSE, Adam, no corruptions) in PyTorch through experiments/peer_torch.py.
+
+    Raises UserError when torch cannot be imported or the script fails."""
+    try:
+        import torch  # noqa: F401  (only checks that the peer can run)
+    except ImportError:
+        raise UserError("--peer=torch needs PyTorch (pip install torch==2.13.0; it is not in requirements.txt).") \
+            from None
+    rows = []
+    for model in models:
+        command = [sys.executable, str(PEER_SCRIPT), f"--model={model}",
+                   f"--image_sizes={','.join(map(str, image_sizes))}",
+                   f"--batch_sizes={','.join(map(str, batch_sizes))}", f"--steps={steps}"]
+        if "bfloat16" in dtypes:
+            command.append("--bf16")
+        logging.info("Timing the PyTorch peer: %s", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"The PyTorch peer ({PEER_SCRIPT.name}) failed: {last}")
+        rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return rows
+
+
+def attach_peer(rows: Sequence[dict], peers: Sequence[dict]) -> None:
+    """Add the matching peer's images/s (same model, size, batch; bfloat16 <-> its autocast) to each row."""
+    for row in rows:
+        peer_dtype = {"float32": "float32", "bfloat16": "bfloat16-autocast"}.get(row["dtype"])
+        match = [p for p in peers if (p["model"], p["image_size"], p["batch_size"], p["dtype"])
+                 == (row["model"], row["image_size"], row["batch_size"], peer_dtype)]
+        if match:
+            row["peer"] = match[0]["framework"]
+            row["peer_images_per_s"] = match[0]["images_per_s"]
+            row["speed_vs_peer"] = row["images_per_s_no_corruption"] / match[0]["images_per_s"]
+
+
 def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Sequence[int],
-                  dtypes: Sequence[str], output: Path, steps: int = 20) -> list[dict]:
-    """Benchmark every combination, write `output` (JSON) and `output` with .md, and return the rows."""
+                  dtypes: Sequence[str], output: Path, steps: int = 20, peer: str = "none") -> list[dict]:
+    """Benchmark every combination, write `output` (JSON) and `output` with .md, and return the rows; with
+    peer="torch", time the PyTorch peer afterwards and attach its figures."""
     output = Path(output)
     if output.suffix != ".json":
         raise UserError(f"--output={output} must be a .json file (the Markdown table goes beside it).")
+    if peer not in PEERS:
+        raise UserError(f"Unknown --peer={peer!r}; choose one of {', '.join(PEERS)}.")
     mesh = train.make_mesh()
     rows = []
     for model, size, batch, dtype in itertools.product(models, image_sizes, batch_sizes, dtypes):
@@ -187,10 +239,12 @@ def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int]
             raise UserError(f"Batch size {batch} is not a multiple of the {mesh.devices.size} devices.")
         logging.info("Benchmarking %s %d px, batch %d, %s.", model, size, batch, dtype)
         rows.append(benchmark_one(row_cfg, mesh, steps=steps))
+    if peer == "torch":
+        attach_peer(rows, peer_rows(models, image_sizes, batch_sizes, dtypes, steps))
     meta = {"jax_version": jax.__version__, "backend": jax.default_backend(),
             "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "timed_steps": steps}
+            "timed_steps": steps, "cpu_keeps_freed_memory": cpu.KEEPING_FREED_MEMORY}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = markdown_table(rows)

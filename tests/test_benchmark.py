@@ -1,9 +1,11 @@
 import json
 
 import pytest
+from flax import nnx
 
 from mrirecon_jax import benchmark
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.models import unet
 
 
 def test_benchmark_writes_one_row_per_combination(tmp_path):
@@ -38,3 +40,29 @@ def test_benchmark_refuses_bad_output_and_bad_combinations(tmp_path):
     with pytest.raises(UserError, match="dtype"):
         benchmark.run_benchmark(cfg, ["tiny"], [32], [2], ["float16"], tmp_path / "bench.json", steps=1)
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_peer_figures_attach_to_matching_rows_and_show_in_the_table():
+    rows = [{"model": "thesis", "image_size": 64, "batch_size": 8, "dtype": d, "images_per_s_no_corruption": v}
+            for d, v in (("float32", 10.0), ("bfloat16", 6.0))]
+    peers = [{"framework": "torch 2.13.0+cpu", "model": "thesis", "image_size": 64, "batch_size": 8,
+              "dtype": "float32", "images_per_s": 8.0},
+             {"framework": "torch 2.13.0+cpu", "model": "thesis", "image_size": 32, "batch_size": 8,
+              "dtype": "bfloat16-autocast", "images_per_s": 3.0}]
+    benchmark.attach_peer(rows, peers)
+    assert rows[0]["peer_images_per_s"] == 8.0 and rows[0]["speed_vs_peer"] == pytest.approx(1.25)
+    assert "peer_images_per_s" not in rows[1]  # no bfloat16 peer at 64 px
+
+
+def test_peer_needs_torch(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(UserError, match="torch==2.13.0"):
+        benchmark.peer_rows(["tiny"], [16], [2], ["float32"], steps=1)
+
+
+def test_torch_peer_times_the_same_network():
+    pytest.importorskip("torch")
+    (row,) = benchmark.peer_rows(["tiny"], [16], [2], ["float32"], steps=2)
+    assert row["model"] == "tiny" and row["image_size"] == 16 and row["dtype"] == "float32"
+    ours = unet.count_params(unet.UNet(unet.PRESETS["tiny"], rngs=nnx.Rngs(0)))
+    assert row["params"] == ours and row["images_per_s"] == pytest.approx(2 / row["step_s"])

@@ -1,11 +1,23 @@
-"""Convolution back ends for the U-Net: XLA's own, or an im2col matrix product that XLA's CPU path runs far faster
-on small grids with many channels.
+"""Convolution back ends for the U-Net, chosen for speed on XLA's CPU path (numerics equal; tests/test_conv.py).
 
-Measured on the 2-core Xeon (batch 8, 3x3, forward + both gradients): XLA's CPU convolution is fine on large
-grids (64x64x64: 17 ms forward) but pathological on the U-Net's deep levels (2x2x1024: ~1 s forward, 2.3 s for
-the input gradient) where the same convolution as one im2col matmul takes 12 / 18 ms. On large grids the im2col
-copy costs more than it saves, so ``auto`` uses im2col only where the grid is small. On GPUs and TPUs ``auto``
-always uses XLA's convolution.
+Measured on the 2-core Xeon (jax 0.10.2; thesis U-Net train step, 64 px, batch 8, f32: 2.2 s with XLA's defaults,
+0.75 s with all three choices below, against 0.79 s for PyTorch 2.13 on the same machine):
+
+- 2x2 stride-2 transposed convolutions ("up-convs"): XLA runs them as a convolution over a zero-dilated input
+  (~1 s of the 2.2 s step). Each is one matmul followed by a depth-to-space reshape (``upconv_matmul``), which
+  is also the natural form on GPUs and TPUs, so the U-Net uses it on every backend unless ``conv_impl=xla``.
+- XLA's CPU convolutions go to YNNPACK by default; its weight gradients on large grids run at ~37 GFLOP/s
+  (64x64, 64->64 channels: 65 ms against 17 ms forward). Eigen's convolutions, selected with the XLA flag
+  ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` (``mrirecon_jax.cpu``, applied when the
+  package is imported), make the whole step 0.84 -> 0.75 s. Kept YNNPACK for matmuls (Eigen's were slower).
+- Small grids with many channels (the deep levels): XLA's convolution is pathological with either library
+  (2x2x1024: ~1 s forward, 2.3 s input gradient) where one im2col matmul takes 12 / 18 ms, so ``auto`` uses
+  im2col on CPU for grids of at most 8x8. On larger grids the im2col patch matrix (9x the input) costs more
+  than it saves.
+
+Also tried, slower than the above in the full step: im2col everywhere, a custom VJP whose weight gradient loops
+over cache-sized bands of rows (2x faster than YNNPACK's, slower than Eigen's), nine shifted matmuls,
+``lax.conv_general_dilated_patches``, channels-first layouts, XNNPACK fusions, ``--xla_cpu_enable_fast_math``.
 """
 
 from __future__ import annotations
@@ -16,24 +28,33 @@ import jax
 import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "im2col")
-IM2COL_MAX_PIXELS = 64  # auto: im2col for grids of at most 8 x 8 pixels
+IM2COL_MAX_PIXELS = 64  # auto: im2col on grids of at most 8 x 8 pixels (CPU)
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+def im2col_patches(x, kh: int, kw: int):
+    """(N, H, W, C) -> (N, H, W, kh*kw*C): the SAME-padded kh x kw neighbourhood of every pixel, HWI-ordered."""
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+    return jnp.concatenate([padded[:, i:i + height, j:j + width, :] for i in range(kh) for j in range(kw)], axis=-1)
 
 
 def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``lax.conv_general_dilated`` for NHWC x HWIO, stride 1, SAME padding, as one matmul over 3x3 patches."""
+    """``lax.conv_general_dilated`` for NHWC x HWIO, stride 1, SAME padding, as one matmul over the patches."""
     kh, kw, cin, cout = rhs.shape
-    height, width = lhs.shape[1:3]
-    padded = jnp.pad(lhs, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
-    patches = jnp.concatenate([padded[:, i:i + height, j:j + width, :] for i in range(kh) for j in range(kw)], axis=-1)
-    return jax.lax.dot_general(patches, rhs.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
-                               precision=precision, preferred_element_type=kwargs.get("preferred_element_type"))
+    return jax.lax.dot_general(im2col_patches(lhs, kh, kw), rhs.reshape(kh * kw * cin, cout),
+                               (((3,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=kwargs.get("preferred_element_type"))
 
 
-def _supports_im2col(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
+def _supports_im2col(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count) -> bool:
     unit = lambda v: v is None or all(s == 1 for s in v)  # noqa: E731
-    return (lhs.ndim == 4 and padding == "SAME" and unit(window_strides) and unit(lhs_dilation)
-            and unit(rhs_dilation) and feature_group_count == 1)
+    nhwc = lhs.ndim == 4 and (dimension_numbers is None or (  # flax passes a ConvDimensionNumbers
+        jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSIONS)))
+    return (nhwc and padding == "SAME" and unit(window_strides) and unit(lhs_dilation) and unit(rhs_dilation)
+            and feature_group_count == 1)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -43,7 +64,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     use_im2col = impl == "im2col" or (
         impl == "auto" and jax.default_backend() == "cpu" and lhs.shape[1] * lhs.shape[2] <= IM2COL_MAX_PIXELS)
     if use_im2col and _supports_im2col(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                       feature_group_count):
+                                       dimension_numbers, feature_group_count):
         return im2col_conv(lhs, rhs, window_strides, padding, precision=precision, **kwargs)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -57,3 +78,16 @@ def conv_function(impl: str):
     if impl == "xla":
         return jax.lax.conv_general_dilated
     return functools.partial(conv_general_dilated, impl=impl)
+
+
+def upconv_matmul(x, kernel):
+    """``lax.conv_transpose`` (SAME or VALID padding, no kernel transpose) for kernel size == strides, as one
+    matmul per input pixel whose (kh, kw) block of outputs is written depth-to-space. That transposed
+    convolution maps output offset (a, b) within a block to kernel[kh-1-a, kw-1-b], hence the flip. The kernel
+    is laid out as (cin, kh*kw*cout) first so that the product is a plain 2-D matmul (3 % faster in the thesis
+    step at 64 px than letting einsum place the transposes)."""
+    n, height, width, cin = x.shape
+    kh, kw, _, cout = kernel.shape
+    matrix = jnp.flip(kernel, (0, 1)).transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+    y = (x.reshape(-1, cin) @ matrix).reshape(n, height, width, kh, kw, cout)
+    return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, height * kh, width * kw, cout)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrirecon_jax.config import UserError
-from mrirecon_jax.models.conv import conv_function
+from mrirecon_jax.models.conv import conv_function, upconv_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +74,34 @@ class ConvBlock(nnx.Module):
         return nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
 
 
+class UpConv(nnx.ConvTranspose):
+    """The decoder's 2x2 stride-2 transposed convolution, computed as a matmul plus depth-to-space
+    (models.conv.upconv_matmul) unless ``matmul=False``; same parameters as ``nnx.ConvTranspose``."""
+
+    def __init__(self, in_features: int, out_features: int, *, matmul: bool = True, **kwargs):
+        super().__init__(in_features, out_features, (2, 2), strides=(2, 2), **kwargs)
+        self.matmul = matmul
+
+    def __call__(self, x):
+        if not self.matmul:
+            return super().__call__(x)
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return upconv_matmul(x, kernel) + bias
+
+
 class UNet(nnx.Module):
     """U-Net mapping (N, H, W, C) images to (N, H, W, 1) reconstructions."""
 
     def __init__(self, spec: UNetSpec, *, in_features: int = 1, dtype=jnp.float32, conv_impl: str = "auto",
                  rngs: nnx.Rngs):
-        """`conv_impl` picks the 3x3 convolution back end (models.conv): auto, xla or im2col."""
+        """`conv_impl` picks the convolution back end (models.conv): auto, xla or im2col."""
         self.spec = spec
         feats = spec.features
         conv = conv_function(conv_impl)
         self.down = nnx.List([ConvBlock(c_in, c_out, dtype=dtype, conv=conv, rngs=rngs)
                               for c_in, c_out in zip((in_features,) + feats[:-2], feats[:-1])])
         self.bottleneck = ConvBlock(feats[-2], feats[-1], dtype=dtype, conv=conv, rngs=rngs)
-        self.up = nnx.List([nnx.ConvTranspose(c_deep, c, (2, 2), strides=(2, 2), dtype=dtype, rngs=rngs)
+        self.up = nnx.List([UpConv(c_deep, c, matmul=conv_impl != "xla", dtype=dtype, rngs=rngs)
                             for c_deep, c in zip(feats[:0:-1], feats[-2::-1])])
         self.up_blocks = nnx.List([ConvBlock(2 * c, c, dtype=dtype, conv=conv, rngs=rngs) for c in feats[-2::-1]])
         self.head = nnx.Conv(feats[0], 1, (1, 1), dtype=dtype, rngs=rngs)
