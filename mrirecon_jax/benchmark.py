@@ -210,15 +210,17 @@ def peer_rows(models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Se
 
 
 def attach_peer(rows: Sequence[dict], peers: Sequence[dict]) -> None:
-    """Add the matching peer's images/s (same model, size, batch; bfloat16 <-> its autocast) to each row."""
+    """Add the fastest matching peer's images/s (same model, size, batch; bfloat16 <-> its autocast; any memory
+    format) to each row."""
     for row in rows:
         peer_dtype = {"float32": "float32", "bfloat16": "bfloat16-autocast"}.get(row["dtype"])
         match = [p for p in peers if (p["model"], p["image_size"], p["batch_size"], p["dtype"])
                  == (row["model"], row["image_size"], row["batch_size"], peer_dtype)]
         if match:
-            row["peer"] = match[0]["framework"]
-            row["peer_images_per_s"] = match[0]["images_per_s"]
-            row["speed_vs_peer"] = row["images_per_s_no_corruption"] / match[0]["images_per_s"]
+            best = max(match, key=lambda p: p["images_per_s"])
+            row["peer"] = ", ".join(str(best[k]) for k in ("framework", "optimizer", "memory_format") if k in best)
+            row["peer_images_per_s"] = best["images_per_s"]
+            row["speed_vs_peer"] = row["images_per_s_no_corruption"] / best["images_per_s"]
 
 
 def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Sequence[int],

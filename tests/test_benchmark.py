@@ -46,11 +46,14 @@ def test_peer_figures_attach_to_matching_rows_and_show_in_the_table():
     rows = [{"model": "thesis", "image_size": 64, "batch_size": 8, "dtype": d, "images_per_s_no_corruption": v}
             for d, v in (("float32", 10.0), ("bfloat16", 6.0))]
     peers = [{"framework": "torch 2.13.0+cpu", "model": "thesis", "image_size": 64, "batch_size": 8,
-              "dtype": "float32", "images_per_s": 8.0},
+              "dtype": "float32", "images_per_s": 8.0, "memory_format": "contiguous"},
+             {"framework": "torch 2.13.0+cpu", "model": "thesis", "image_size": 64, "batch_size": 8,
+              "dtype": "float32", "images_per_s": 6.0, "memory_format": "channels_last"},
              {"framework": "torch 2.13.0+cpu", "model": "thesis", "image_size": 32, "batch_size": 8,
               "dtype": "bfloat16-autocast", "images_per_s": 3.0}]
     benchmark.attach_peer(rows, peers)
-    assert rows[0]["peer_images_per_s"] == 8.0 and rows[0]["speed_vs_peer"] == pytest.approx(1.25)
+    assert rows[0]["peer_images_per_s"] == 8.0 and rows[0]["speed_vs_peer"] == pytest.approx(1.25)  # the faster
+    assert rows[0]["peer"] == "torch 2.13.0+cpu, contiguous"
     assert "peer_images_per_s" not in rows[1]  # no bfloat16 peer at 64 px
 
 
@@ -62,7 +65,9 @@ def test_peer_needs_torch(monkeypatch):
 
 def test_torch_peer_times_the_same_network():
     pytest.importorskip("torch")
-    (row,) = benchmark.peer_rows(["tiny"], [16], [2], ["float32"], steps=2)
+    rows = benchmark.peer_rows(["tiny"], [16], [2], ["float32"], steps=2)
+    assert [r["memory_format"] for r in rows] == ["contiguous", "channels_last"]
+    row = rows[0]
     assert row["model"] == "tiny" and row["image_size"] == 16 and row["dtype"] == "float32"
     ours = unet.count_params(unet.UNet(unet.PRESETS["tiny"], rngs=nnx.Rngs(0)))
     assert row["params"] == ours and row["images_per_s"] == pytest.approx(2 / row["step_s"])
