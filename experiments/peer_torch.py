@@ -82,9 +82,8 @@ def time_train_step(model_name: str, size: int, batch: int, steps: int, bf16: bo
     median = statistics.median(times)
     return {"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(), "model": model_name,
             "params": sum(p.numel() for p in model.parameters()), "image_size": size, "batch_size": batch,
-            "dtype": "bfloat16-autocast" if bf16 else "float32", "optimizer": f"Adam({optimizer})", "memory_format": memory_format,
-            "step_s": median,
-            "images_per_s": batch / median}
+            "dtype": "bfloat16-autocast" if bf16 else "float32", "optimizer": f"Adam({optimizer})",
+            "memory_format": memory_format, "step_s": median, "images_per_s": batch / median}
 
 
 def main():
