@@ -115,7 +115,7 @@ def select_backend(backend) -> None:
     try:
         devices = jax.devices()
     except RuntimeError:
-        raise UserError(f"Backend {backend!r} is not available on this machine "
+        raise UserError(f"Backend {backend or 'default'!r} is not available on this machine "
                         "(check the jax installation for it, or use --backend=cpu).") from None
     if jax.default_backend() == "cpu":
         cpu.keep_freed_memory()

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 from flax import nnx
@@ -42,7 +43,7 @@ def test_benchmark_refuses_bad_output_and_bad_combinations(tmp_path):
     assert not (tmp_path / "bench.json").exists()
 
 
-def test_peer_figures_attach_to_matching_rows_and_show_in_the_table():
+def test_fastest_matching_peer_attaches_to_each_row():
     rows = [{"model": "thesis", "image_size": 64, "batch_size": 8, "dtype": d, "images_per_s_no_corruption": v}
             for d, v in (("float32", 10.0), ("bfloat16", 6.0))]
     peers = [{"framework": "torch 2.13.0+cpu", "model": "thesis", "image_size": 64, "batch_size": 8,
@@ -58,7 +59,7 @@ def test_peer_figures_attach_to_matching_rows_and_show_in_the_table():
 
 
 def test_peer_needs_torch(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # makes `import torch` raise ImportError
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(UserError, match="torch==2.13.0"):
         benchmark.peer_rows(["tiny"], [16], [2], ["float32"], steps=1)
 
