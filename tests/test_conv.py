@@ -89,3 +89,21 @@ def test_unet_gradients_agree_across_conv_backends():
     for impl in ("auto", "im2col"):
         for a, b in zip(jax.tree.leaves(grads(impl)), reference):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 5, 7, 2)])
+def test_max_pool_2x2_equals_flax_max_pool_with_gradients(shape):
+    x = jax.random.normal(jax.random.key(6), shape)  # continuous values: no ties
+    reference = lambda x: nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(conv.max_pool_2x2(x), reference(x))
+    assert conv.max_pool_2x2(x).shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+    grad = lambda fn: jax.grad(lambda x: jnp.sum(jnp.sin(3 * fn(x))))(x)  # noqa: E731
+    np.testing.assert_allclose(grad(conv.max_pool_2x2), grad(reference), rtol=1e-6, atol=1e-7)
+
+
+def test_auto_backend_pools_without_reduce_window():
+    x = jnp.ones((1, 32, 32, 1))
+    jaxprs = {impl: str(jax.make_jaxpr(unet.UNet(unet.PRESETS["tiny"], conv_impl=impl, rngs=nnx.Rngs(0)))(x))
+              for impl in ("auto", "xla")}
+    assert "reduce_window_max" in jaxprs["xla"]
+    assert "reduce_window" not in jaxprs["auto"]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrirecon_jax.config import UserError
-from mrirecon_jax.models.conv import conv_function, upconv_matmul
+from mrirecon_jax.models.conv import conv_function, max_pool_2x2, upconv_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +89,17 @@ class UpConv(nnx.ConvTranspose):
         return upconv_matmul(x, kernel) + bias
 
 
+def _xla_max_pool(x):
+    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
+
 class UNet(nnx.Module):
     """U-Net mapping (N, H, W, C) images to (N, H, W, 1) reconstructions."""
 
     def __init__(self, spec: UNetSpec, *, in_features: int = 1, dtype=jnp.float32, conv_impl: str = "auto",
                  rngs: nnx.Rngs):
-        """`conv_impl` picks the convolution back end (models.conv): auto, xla or im2col."""
+        """`conv_impl` picks the convolution back end (models.conv): auto, xla or im2col; ``xla`` also keeps
+        flax's own transposed convolutions and max pooling."""
         self.spec = spec
         feats = spec.features
         conv = conv_function(conv_impl)
@@ -105,6 +110,7 @@ class UNet(nnx.Module):
                             for c_deep, c in zip(feats[:0:-1], feats[-2::-1])])
         self.up_blocks = nnx.List([ConvBlock(2 * c, c, dtype=dtype, conv=conv, rngs=rngs) for c in feats[-2::-1]])
         self.head = nnx.Conv(feats[0], 1, (1, 1), dtype=dtype, rngs=rngs)
+        self.pool = _xla_max_pool if conv_impl == "xla" else max_pool_2x2
 
     def __call__(self, x):
         inputs = x
@@ -112,7 +118,7 @@ class UNet(nnx.Module):
         for block in self.down:
             x = block(x)
             skips.append(x)
-            x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = self.pool(x)
         x = self.bottleneck(x)
         for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
             x = block(jnp.concatenate([nnx.relu(up(x)), skip], axis=-1))
