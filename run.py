@@ -75,6 +75,8 @@ flags.DEFINE_list("batch_sizes", None, "benchmark: batch sizes, e.g. 8,32.")
 flags.DEFINE_list("dtypes", None, "benchmark: compute dtypes, e.g. float32,bfloat16.")
 flags.DEFINE_enum("peer", "none", ["none", "torch"], "benchmark: also time the same U-Net in PyTorch "
                   "(experiments/peer_torch.py; needs torch installed) and report our speed relative to it.")
+flags.DEFINE_string("trace_dir", None, "benchmark: write a JAX profiler trace of a few train steps per row here "
+                    "(open in ui.perfetto.dev or TensorBoard).")
 
 CONFIG_FLAGS = [f.name for f in dataclasses.fields(Config) if f.name in FLAGS]
 
@@ -188,7 +190,8 @@ def benchmark_job():
     benchmark.run_benchmark(
         cfg, models=cfg.model.split(","), image_sizes=_int_list("image_sizes", cfg.image_size),
         batch_sizes=_int_list("batch_sizes", cfg.batch_size), dtypes=FLAGS.dtypes or [cfg.dtype],
-        output=Path(FLAGS.output or "runs/benchmark/bench.json"), peer=FLAGS.peer)
+        output=Path(FLAGS.output or "runs/benchmark/bench.json"), peer=FLAGS.peer,
+        trace_dir=Path(FLAGS.trace_dir) if FLAGS.trace_dir else None)
 
 
 def gallery_job():

@@ -6,7 +6,9 @@ steps after warm-up, each step waited for with `block_until_ready`. FLOPs come f
 compiled step; utilisation is against the device's dense peak (a table for known accelerators; on a CPU, a
 matmul measured here in the same dtype). With ``peer="torch"`` the same network's train step is also timed in
 PyTorch (`experiments/peer_torch.py`, run as a separate process; torch is not a dependency) and each row gets
-``peer_images_per_s`` and ``speed_vs_peer`` (ours without corruptions / the peer's, which has none).
+``peer_images_per_s`` and ``speed_vs_peer`` (ours without corruptions / the peer's, which has none). With
+``trace_dir`` a JAX profiler trace of a few timed steps (with corruptions) is written per row, for Perfetto
+(ui.perfetto.dev) or TensorBoard's profile plugin.
 """
 
 from __future__ import annotations
@@ -101,7 +103,10 @@ def _memory_bytes(compiled) -> Optional[int]:
                - stats.alias_size_in_bytes)
 
 
-def _time_train_step(cfg: Config, mesh, batch, steps: int, warmup: int) -> dict:
+TRACED_STEPS = 3
+
+
+def _time_train_step(cfg: Config, mesh, batch, steps: int, warmup: int, trace_dir: Optional[Path] = None) -> dict:
     graphdef, tx, state = train.init_state(cfg, mesh)
     step_fns = train.make_steps(cfg, graphdef, tx)
     start = time.perf_counter()
@@ -116,19 +121,24 @@ def _time_train_step(cfg: Config, mesh, batch, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         one_step()
     median, p10, p90 = _median_seconds(one_step, steps)
+    if trace_dir is not None:  # after the timing, so that tracing costs nothing there
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for _ in range(TRACED_STEPS):
+                one_step()
     params = holder["state"]["params"]
     return {"compile_s": compile_s, "step_s": median, "step_s_p10": p10, "step_s_p90": p90,
             "flops_per_step": _flops(compiled), "compiled_memory_bytes": _memory_bytes(compiled),
             "reconstruct": step_fns.reconstruct, "params": params}
 
 
-def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3) -> dict:
-    """One row: train step with and without corruptions, and inference, for one configuration."""
+def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3, trace_dir: Optional[Path] = None) -> dict:
+    """One row: train step with and without corruptions, and inference, for one configuration; with
+    `trace_dir`, also a profiler trace of the train step (with corruptions) there."""
     device = mesh.devices.flat[0]
     n_dev = mesh.devices.size
     images = jax.random.uniform(jax.random.key(0), (cfg.batch_size, cfg.image_size, cfg.image_size, 1))
     batch = jax.device_put(images, NamedSharding(mesh, P("data")))
-    with_corruptions = _time_train_step(cfg, mesh, batch, steps, warmup)
+    with_corruptions = _time_train_step(cfg, mesh, batch, steps, warmup, trace_dir)
     without = _time_train_step(cfg.replace(corruptions="none"), mesh, batch, steps, warmup)
     reconstruct = with_corruptions["reconstruct"].lower(with_corruptions["params"], batch).compile()
     for _ in range(warmup):
@@ -158,6 +168,7 @@ def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3) -> dict:
         "compiled_memory_bytes": with_corruptions["compiled_memory_bytes"],
         "thesis_epoch_hours": THESIS_EPOCH_SLICES / images_per_s / 3600,
         "thesis_hours_per_epoch": THESIS_HOURS_PER_EPOCH.get(cfg.image_size, {}),
+        "trace_dir": str(trace_dir) if trace_dir is not None else None,
     }
 
 
@@ -224,9 +235,12 @@ def attach_peer(rows: Sequence[dict], peers: Sequence[dict]) -> None:
 
 
 def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Sequence[int],
-                  dtypes: Sequence[str], output: Path, steps: int = 20, peer: str = "none") -> list[dict]:
+                  dtypes: Sequence[str], output: Path, steps: int = 20, peer: str = "none",
+                  trace_dir: Optional[Path] = None) -> list[dict]:
     """Benchmark every combination, write `output` (JSON) and `output` with .md, and return the rows; with
-    peer="torch", time the PyTorch peer afterwards and attach its figures."""
+    peer="torch", time the PyTorch peer afterwards and attach its figures; with `trace_dir`, write a profiler
+    trace per row into a subfolder named after it (the profiler adds a timestamped folder, so nothing is
+    overwritten)."""
     output = Path(output)
     if output.suffix != ".json":
         raise UserError(f"--output={output} must be a .json file (the Markdown table goes beside it).")
@@ -240,7 +254,8 @@ def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int]
         if row_cfg.batch_size % mesh.devices.size:
             raise UserError(f"Batch size {batch} is not a multiple of the {mesh.devices.size} devices.")
         logging.info("Benchmarking %s %d px, batch %d, %s.", model, size, batch, dtype)
-        rows.append(benchmark_one(row_cfg, mesh, steps=steps))
+        row_trace = None if trace_dir is None else Path(trace_dir) / f"{model}_{size}px_b{batch}_{dtype}"
+        rows.append(benchmark_one(row_cfg, mesh, steps=steps, trace_dir=row_trace))
     if peer == "torch":
         attach_peer(rows, peer_rows(models, image_sizes, batch_sizes, dtypes, steps))
     meta = {"jax_version": jax.__version__, "backend": jax.default_backend(),

@@ -1,3 +1,4 @@
+import gzip
 import json
 import sys
 
@@ -30,6 +31,19 @@ def test_benchmark_writes_one_row_per_combination(tmp_path):
     assert rows[1]["flops_per_step"] > 1.5 * rows[0]["flops_per_step"]
     table = out.with_suffix(".md").read_text()
     assert table.count("| tiny | 32 |") == 2
+
+
+def test_benchmark_writes_a_profiler_trace_per_row(tmp_path):
+    cfg = Config(model="tiny", corruptions="none", loss="mse")
+    rows = benchmark.run_benchmark(cfg, ["tiny"], [32], [2], ["float32"], tmp_path / "bench.json", steps=1,
+                                   trace_dir=tmp_path / "traces")
+    assert rows[0]["trace_dir"] == str(tmp_path / "traces" / "tiny_32px_b2_float32")
+    traces = list((tmp_path / "traces" / "tiny_32px_b2_float32").rglob("*.xplane.pb"))
+    perfetto = list((tmp_path / "traces" / "tiny_32px_b2_float32").rglob("perfetto_trace.json.gz"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0 and len(perfetto) == 1
+    events = json.loads(gzip.decompress(perfetto[0].read_bytes()))
+    steps = [e for e in events.get("traceEvents", events) if e.get("name") == "PjitFunction(jit(train_step))"]
+    assert len(steps) >= benchmark.TRACED_STEPS  # (the profiler may log each call on two tracks)
 
 
 def test_benchmark_refuses_bad_output_and_bad_combinations(tmp_path):
