@@ -10,7 +10,10 @@ the convolution formulations themselves:
 - ``keep_freed_memory``: XLA's CPU runtime allocates and frees a ~290 MB temporary arena and several ~75 MB
   convolution buffers every step; glibc hands each back to the kernel, so every step pays ~70,000 page faults
   again (0.75 -> 0.71 s). Keeping freed memory in the heap removes them. Called by ``run.py`` only (it changes
-  how the whole process allocates), never on import.
+  how the whole process allocates), never on import. Known cost (perf): in the one shared heap, the ~5,000
+  page-aligned 72 KB workspaces per step that oneDNN's sgemm (inside Eigen's convolutions) allocates spend ~5 %
+  of the CPU time walking glibc's large bins. More arenas would avoid that, but glibc's per-thread arenas mmap
+  every buffer too big for their 64 MB heaps whatever M_MMAP_MAX says, so the page faults come back.
 """
 
 from __future__ import annotations

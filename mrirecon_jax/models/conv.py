@@ -2,7 +2,7 @@
 tests/test_conv.py).
 
 Measured on the 2-core Xeon (jax 0.10.2; thesis U-Net train step, 64 px, batch 8, f32: 2.2 s with XLA's defaults,
-0.73 s with all three choices below; PyTorch 2.13 on the same machine: 0.78 s, or 0.68 s with its fused Adam):
+~0.70 s with all the choices below; PyTorch 2.13 on the same machine: 0.78 s, or ~0.65 s with its fused Adam):
 
 - 2x2 stride-2 transposed convolutions ("up-convs"): XLA runs them as a convolution over a zero-dilated input
   (~1 s of the 2.2 s step). Each is one matmul followed by a depth-to-space reshape (``upconv_matmul``), which
