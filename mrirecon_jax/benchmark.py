@@ -246,6 +246,11 @@ def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int]
         raise UserError(f"--output={output} must be a .json file (the Markdown table goes beside it).")
     if peer not in PEERS:
         raise UserError(f"Unknown --peer={peer!r}; choose one of {', '.join(PEERS)}.")
+    if trace_dir is not None:
+        try:
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--trace_dir={trace_dir} cannot be made a folder ({err.strerror}).") from None
     mesh = train.make_mesh()
     rows = []
     for model, size, batch, dtype in itertools.product(models, image_sizes, batch_sizes, dtypes):

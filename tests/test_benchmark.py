@@ -54,6 +54,11 @@ def test_benchmark_refuses_bad_output_and_bad_combinations(tmp_path):
         benchmark.run_benchmark(cfg, ["tiny"], [30], [2], ["float32"], tmp_path / "bench.json", steps=1)
     with pytest.raises(UserError, match="dtype"):
         benchmark.run_benchmark(cfg, ["tiny"], [32], [2], ["float16"], tmp_path / "bench.json", steps=1)
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(UserError, match="trace_dir"):
+        benchmark.run_benchmark(cfg, ["tiny"], [32], [2], ["float32"], tmp_path / "bench.json", steps=1,
+                                trace_dir=tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "mine"
     assert not (tmp_path / "bench.json").exists()
 
 
