@@ -70,12 +70,14 @@ def test_upconv_matmul_equals_flax_conv_transpose_with_gradients(padding):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_backend_avoids_dilated_convolutions():
+def test_auto_backend_avoids_dilated_convolutions_and_reduce_window():
     x = jnp.ones((1, 32, 32, 1))
     jaxprs = {impl: str(jax.make_jaxpr(unet.UNet(unet.PRESETS["tiny"], conv_impl=impl, rngs=nnx.Rngs(0)))(x))
               for impl in ("auto", "xla")}
     assert "lhs_dilation=(2, 2)" in jaxprs["xla"]  # flax's ConvTranspose: a convolution over a dilated input
     assert "lhs_dilation=(2, 2)" not in jaxprs["auto"]
+    assert "reduce_window_max" in jaxprs["xla"]  # flax's max_pool
+    assert "reduce_window" not in jaxprs["auto"]
 
 
 def test_unet_gradients_agree_across_conv_backends():
@@ -99,11 +101,3 @@ def test_max_pool_2x2_equals_flax_max_pool_with_gradients(shape):
     assert conv.max_pool_2x2(x).shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
     grad = lambda fn: jax.grad(lambda x: jnp.sum(jnp.sin(3 * fn(x))))(x)  # noqa: E731
     np.testing.assert_allclose(grad(conv.max_pool_2x2), grad(reference), rtol=1e-6, atol=1e-7)
-
-
-def test_auto_backend_pools_without_reduce_window():
-    x = jnp.ones((1, 32, 32, 1))
-    jaxprs = {impl: str(jax.make_jaxpr(unet.UNet(unet.PRESETS["tiny"], conv_impl=impl, rngs=nnx.Rngs(0)))(x))
-              for impl in ("auto", "xla")}
-    assert "reduce_window_max" in jaxprs["xla"]
-    assert "reduce_window" not in jaxprs["auto"]
