@@ -56,9 +56,10 @@ flags.DEFINE_float("max_train_minutes", None, "Stop (with a final validation and
 flags.DEFINE_integer("seed", None, "Seed for the split, initialisation, corruptions and batch order.")
 flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every N steps (besides every epoch).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of the model.")
-flags.DEFINE_enum("conv_impl", None, ["auto", "xla", "im2col"], "Convolution back end (models/conv.py): auto "
-                  "(up-convs as matmuls; 3x3 as im2col on small grids on CPU, XLA's elsewhere), xla (XLA's "
-                  "convolutions throughout, the reference), or im2col (3x3 as im2col matmuls everywhere).")
+flags.DEFINE_enum("conv_impl", None, ["auto", "xla", "im2col", "winograd"], "Convolution back end "
+                  "(models/conv.py): auto (up-convs as matmuls; on CPU, 3x3 by Winograd on 8x8-32x32 grids with "
+                  ">= 128 channels in float32, as im2col on other grids up to 8x8; XLA's elsewhere), xla (XLA's "
+                  "convolutions throughout, the reference), im2col or winograd (3x3 that way everywhere).")
 
 # Flags of the jobs other than training (each job reads only its own).
 flags.DEFINE_string("checkpoint", "best", "evaluate/reconstruct/detect: which checkpoint: best, last or a step.")
