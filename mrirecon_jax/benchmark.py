@@ -4,11 +4,11 @@ Every row times the very train step that training uses (`train.make_steps`, corr
 the same step without corruptions so their share is visible, plus inference. Figures are medians over timed
 steps after warm-up, each step waited for with `block_until_ready`. FLOPs come from XLA's cost analysis of the
 compiled step (what it executes: Winograd convolutions count fewer than direct ones); utilisation is against
-the device's dense peak (a table for known accelerators; on a CPU, a matmul measured here in the same dtype). With ``peer="torch"`` the same network's train step is also timed in
-PyTorch (`experiments/peer_torch.py`, run as a separate process; torch is not a dependency) and each row gets
-``peer_images_per_s`` and ``speed_vs_peer`` (ours without corruptions / the peer's, which has none). With
-``trace_dir`` a JAX profiler trace of a few timed steps (with corruptions) is written per row, for Perfetto
-(ui.perfetto.dev) or TensorBoard's profile plugin.
+the device's dense peak (a table for known accelerators; on a CPU, a matmul measured here in the same dtype).
+With ``peer="torch"`` the same network's train step is also timed in PyTorch (`experiments/peer_torch.py`, run
+as a separate process; torch is not a dependency) and each row gets ``peer_images_per_s`` and ``speed_vs_peer``
+(ours without corruptions / the peer's, which has none). With ``trace_dir`` a JAX profiler trace of a few timed
+steps (with corruptions) is written per row, for Perfetto (ui.perfetto.dev) or TensorBoard's profile plugin.
 """
 
 from __future__ import annotations

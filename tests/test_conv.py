@@ -20,7 +20,8 @@ def _im2col(x, w):
 
 
 @pytest.mark.parametrize("fn", [_im2col, _winograd])
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3, 5), (2, 2, 2, 16, 16), (1, 6, 4, 4, 2), (2, 7, 5, 3, 4), (1, 1, 1, 2, 3)])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3, 5), (2, 2, 2, 16, 16), (1, 6, 4, 4, 2), (2, 7, 5, 3, 4),
+                                   (1, 1, 1, 2, 3)])
 def test_matmul_forms_match_xla_forward_and_gradients(fn, shape):
     n, h, w, cin, cout = shape
     kx, kw = jax.random.split(jax.random.key(0))
@@ -44,7 +45,8 @@ def test_winograd_keeps_bfloat16_and_rejects_other_kernel_sizes():
         x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
     assert out.dtype == grad.dtype == jnp.bfloat16
     reference = jax.grad(lambda k: jnp.sum(_xla(x, k) ** 2))(kernel)
-    np.testing.assert_allclose(grad.astype(jnp.float32), reference, rtol=0.05, atol=0.05 * float(jnp.abs(reference).max()))
+    np.testing.assert_allclose(grad.astype(jnp.float32), reference, rtol=0.05,
+                               atol=0.05 * float(jnp.abs(reference).max()))
     with pytest.raises(ValueError, match="3x3"):
         _winograd(x, jnp.ones((5, 5, 16, 16)))
 
