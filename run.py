@@ -56,10 +56,11 @@ flags.DEFINE_float("max_train_minutes", None, "Stop (with a final validation and
 flags.DEFINE_integer("seed", None, "Seed for the split, initialisation, corruptions and batch order.")
 flags.DEFINE_integer("checkpoint_every_steps", None, "Also checkpoint every N steps (besides every epoch).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype of the model.")
-flags.DEFINE_enum("conv_impl", None, ["auto", "xla", "im2col", "winograd"], "Convolution back end "
-                  "(models/conv.py): auto (up-convs as matmuls; on CPU, 3x3 by Winograd on 8x8-32x32 grids with "
-                  ">= 128 channels in float32, as im2col on other grids up to 8x8; XLA's elsewhere), xla (XLA's "
-                  "convolutions throughout, the reference), im2col or winograd (3x3 that way everywhere).")
+flags.DEFINE_enum("conv_impl", None, ["auto", "xla", "im2col", "winograd", "winograd_f2"], "Convolution back end "
+                  "(models/conv.py): auto (up-convs as matmuls; on CPU, float32 3x3 convolutions with >= 64/128 "
+                  "channels by Winograd, F(2x2, 3x3) on 8x8 grids and F(4x4, 3x3) from 16x16; others as im2col on "
+                  "grids up to 8x8; XLA's elsewhere), xla (XLA's convolutions throughout, the reference), im2col, "
+                  "winograd (F(4x4, 3x3)) or winograd_f2 (F(2x2, 3x3), more accurate): 3x3 that way everywhere.")
 
 # Flags of the jobs other than training (each job reads only its own).
 flags.DEFINE_string("checkpoint", "best", "evaluate/reconstruct/detect: which checkpoint: best, last or a step.")

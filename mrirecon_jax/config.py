@@ -44,7 +44,7 @@ class Config:
     keep_checkpoints: int = 3
     eval_batch_size: int = 64
     dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
-    conv_impl: str = "auto"  # convolution back end (models/conv.py): auto | xla | im2col | winograd
+    conv_impl: str = "auto"  # convolution back end (models/conv.py): auto | xla | im2col | winograd | winograd_f2
 
     def replace(self, **changes) -> "Config":
         """A copy with some fields changed."""

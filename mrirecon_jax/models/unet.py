@@ -98,8 +98,8 @@ class UNet(nnx.Module):
 
     def __init__(self, spec: UNetSpec, *, in_features: int = 1, dtype=jnp.float32, conv_impl: str = "auto",
                  rngs: nnx.Rngs):
-        """`conv_impl` picks the convolution back end (models.conv): auto, xla, im2col or winograd; ``xla`` also
-        keeps flax's own transposed convolutions and max pooling."""
+        """`conv_impl` picks the convolution back end (models.conv.CONV_IMPLS): auto, xla, im2col, winograd or
+        winograd_f2; ``xla`` also keeps flax's own transposed convolutions and max pooling."""
         self.spec = spec
         feats = spec.features
         conv = conv_function(conv_impl)
