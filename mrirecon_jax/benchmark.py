@@ -5,8 +5,8 @@ the same step without corruptions so their share is visible, plus inference. Fig
 steps after warm-up, each step waited for with `block_until_ready`. FLOPs come from XLA's cost analysis of the
 compiled step (what it executes: Winograd convolutions count fewer than direct ones); utilisation is against
 the device's dense peak (a table for known accelerators; on a CPU, a matmul measured here in the same dtype).
-With ``peer="torch"`` the same network's train step is also timed in PyTorch (`experiments/peer_torch.py`, run
-as a separate process; torch is not a dependency) and each row gets ``peer_images_per_s`` and ``speed_vs_peer``
+With ``peer="torch"`` the same network's train step is also timed in PyTorch (``python -m tools.peer_torch``,
+run as a separate process; torch is not a dependency) and each row gets ``peer_images_per_s`` and ``speed_vs_peer``
 (ours without corruptions / the peer's, which has none). With ``trace_dir`` a JAX profiler trace of a few timed
 steps (with corruptions) is written per row, for Perfetto (ui.perfetto.dev) or TensorBoard's profile plugin.
 """
@@ -31,8 +31,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mrirecon_jax import cpu, train
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.models import unet
 
-PEER_SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "peer_torch.py"
+PEER_MODULE = "tools.peer_torch"  # run from the checkout's root
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("none", "torch")
 
 THESIS_EPOCH_SLICES = 23_715  # 465 training subjects x 51 slices
@@ -71,7 +73,7 @@ def _median_seconds(fn, steps: int) -> tuple[float, float, float]:
 
 def measured_matmul_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
     """Achieved TFLOP/s of a jitted square matmul in `dtype`: the practical peak of a CPU."""
-    a = jnp.ones((size, size), train.DTYPES[dtype])
+    a = jnp.ones((size, size), unet.DTYPES[dtype])
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     seconds, _, _ = _median_seconds(lambda: matmul(a).block_until_ready(), repeats)
@@ -107,10 +109,10 @@ TRACED_STEPS = 3
 
 
 def _time_train_step(cfg: Config, mesh, batch, steps: int, warmup: int, trace_dir: Optional[Path] = None) -> dict:
-    graphdef, tx, state = train.init_state(cfg, mesh)
-    step_fns = train.make_steps(cfg, graphdef, tx)
+    graphdef, tx, state = train.init_train_state(cfg, mesh)
+    train_step = train.make_train_step(cfg, graphdef, tx, train.parse_policy(cfg.corruptions))
     start = time.perf_counter()
-    compiled = step_fns.train_step.lower(state, batch).compile()
+    compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
@@ -128,7 +130,7 @@ def _time_train_step(cfg: Config, mesh, batch, steps: int, warmup: int, trace_di
     params = holder["state"]["params"]
     return {"compile_s": compile_s, "step_s": median, "step_s_p10": p10, "step_s_p90": p90,
             "flops_per_step": _flops(compiled), "compiled_memory_bytes": _memory_bytes(compiled),
-            "reconstruct": step_fns.reconstruct, "params": params}
+            "graphdef": graphdef, "params": params}
 
 
 def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3, trace_dir: Optional[Path] = None) -> dict:
@@ -140,7 +142,9 @@ def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3, trace_dir
     batch = jax.device_put(images, NamedSharding(mesh, P("data")))
     with_corruptions = _time_train_step(cfg, mesh, batch, steps, warmup, trace_dir)
     without = _time_train_step(cfg.replace(corruptions="none"), mesh, batch, steps, warmup)
-    reconstruct = with_corruptions["reconstruct"].lower(with_corruptions["params"], batch).compile()
+    apply = train.model_apply(with_corruptions["graphdef"])
+    reconstruct = jax.jit(lambda params, x: train.reconstruct_corrupted(apply, params, x)).lower(
+        with_corruptions["params"], batch).compile()
     for _ in range(warmup):
         reconstruct(with_corruptions["params"], batch).block_until_ready()
     infer_s, _, _ = _median_seconds(lambda: reconstruct(with_corruptions["params"], batch).block_until_ready(),
@@ -196,7 +200,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def peer_rows(models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Sequence[int],
               dtypes: Sequence[str], steps: int) -> list[dict]:
-    """Time the same U-Net train step (MSE, Adam, no corruptions) in PyTorch through experiments/peer_torch.py.
+    """Time the same U-Net train step (MSE, Adam, no corruptions) in PyTorch through tools/peer_torch.py.
 
     Raises UserError when torch cannot be imported or the script fails."""
     try:
@@ -206,16 +210,16 @@ def peer_rows(models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Se
             from None
     rows = []
     for model in models:
-        command = [sys.executable, str(PEER_SCRIPT), f"--model={model}",
+        command = [sys.executable, "-m", PEER_MODULE, f"--model={model}",
                    f"--image_sizes={','.join(map(str, image_sizes))}",
                    f"--batch_sizes={','.join(map(str, batch_sizes))}", f"--steps={steps}"]
         if "bfloat16" in dtypes:
             command.append("--bf16")
         logging.info("Timing the PyTorch peer: %s", " ".join(command))
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"The PyTorch peer ({PEER_SCRIPT.name}) failed: {last}")
+            raise UserError(f"The PyTorch peer ({PEER_MODULE}) failed: {last}")
         rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return rows
 
@@ -255,7 +259,7 @@ def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int]
     rows = []
     for model, size, batch, dtype in itertools.product(models, image_sizes, batch_sizes, dtypes):
         row_cfg = cfg.replace(model=model, image_size=int(size), batch_size=int(batch), dtype=dtype)
-        train.build_model(row_cfg)  # validates the combination (preset, size, dtype) before timing anything
+        train.build_model(row_cfg)  # checks the combination (preset, size, dtype) before timing anything
         if row_cfg.batch_size % mesh.devices.size:
             raise UserError(f"Batch size {batch} is not a multiple of the {mesh.devices.size} devices.")
         logging.info("Benchmarking %s %d px, batch %d, %s.", model, size, batch, dtype)

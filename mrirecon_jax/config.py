@@ -1,4 +1,9 @@
-"""One frozen dataclass that describes a run; experiments return one, flags override it."""
+"""One frozen dataclass that describes a run; experiments return one, and every field is a command-line flag.
+
+The checks that involve more than one value, or that no other room owns, live here (``Config.__post_init__``),
+each worded once in the terms of the flags a user types. Names that a room owns (presets, losses, planes,
+corruption kinds, back ends) are checked by that room when it is asked for one.
+"""
 
 from __future__ import annotations
 
@@ -11,43 +16,72 @@ class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad file); reported as one sentence."""
 
 
+def _field(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that shapes a run. Fields are plain values so the config is hashable and JSON-able."""
 
     # Data.
-    data_dir: Optional[str] = None  # None: the demo source (MNI152 template or synthetic phantom).
-    plane: str = "axial"  # axial | sagittal | coronal
-    slices: Optional[int] = 24  # central slices per volume; exclusive with slab_mm
-    slab_mm: Optional[float] = None  # central slab thickness in mm; exclusive with slices
-    image_size: int = 64
-    val_fraction: float = 0.2
-    max_subjects: Optional[int] = None
-    cache_dir: Optional[str] = None  # None: ~/.cache/mrirecon_jax
-    # Train on skull-stripped slices (each volume masked by data.brain_mask), for detection on skull-stripped scans.
-    skull_strip: bool = False
-    # Corruptions (a policy name or spec string understood by corruptions.parse_policy).
-    corruptions: str = "original"
+    data_dir: Optional[str] = _field(None, "Folder of NIfTI volumes (.nii / .nii.gz, searched recursively); "
+                                           "default: the demo source.")
+    plane: str = _field("axial", "Slicing plane.")
+    slices: Optional[int] = _field(24, "Number of central slices per volume (exclusive with --slab_mm).")
+    slab_mm: Optional[float] = _field(None, "Thickness of the central slab in mm, the same anatomy at any voxel "
+                                            "size (exclusive with --slices).")
+    image_size: int = _field(64, "Slices are resized to image_size x image_size pixels.")
+    val_fraction: float = _field(0.2, "Fraction of subjects held out for validation.")
+    max_subjects: Optional[int] = _field(None, "Use at most this many subjects (the thesis's reduced set: 100).")
+    cache_dir: Optional[str] = _field(None, "Where preprocessed slices are cached (default "
+                                            "$MRIRECON_CACHE_DIR or ~/.cache/mrirecon_jax).")
+    skull_strip: bool = _field(False, "Train on skull-stripped slices (each volume masked by its computed brain "
+                                      "mask), for detection on skull-stripped scans.")
+    # Corruptions.
+    corruptions: str = _field("original", "Corruption policy: original, augmented, realistic, none, or a spec "
+                                          "such as 'patch+oneof(downsample,gibbs,ghost)'.")
     # Model.
-    model: str = "small"  # preset name in models.unet.PRESETS
-    output_activation: Optional[str] = None  # None: the preset's own
+    model: str = _field("small", "U-Net preset.")
+    output_activation: Optional[str] = _field(None, "Override the preset's output activation.")
+    dtype: str = _field("float32", "Compute dtype of the model.")
+    conv_impl: str = _field("auto", "Convolution back end (models/conv.py): auto picks per shape; xla is XLA's own "
+                                    "throughout (the reference).")
     # Optimisation.
-    loss: str = "ssim"  # ssim | l1 | mse | ssim_l1
-    learning_rate: float = 1e-4
-    batch_size: int = 8
-    epochs: int = 10
-    max_steps: Optional[int] = None
-    max_train_minutes: Optional[float] = None
-    seed: int = 0
+    loss: str = _field("ssim", "Training loss.")
+    learning_rate: float = _field(1e-4, "Adam learning rate.")
+    batch_size: int = _field(8, "Global training batch size.")
+    epochs: int = _field(10, "Number of epochs.")
+    max_steps: Optional[int] = _field(None, "Stop after this many training steps in total.")
+    max_train_minutes: Optional[float] = _field(None, "Stop (with a final validation and checkpoint) after this "
+                                                      "much training wall-clock time.")
+    seed: int = _field(0, "Seed for the split, initialisation, corruptions and batch order.")
     # Bookkeeping.
-    checkpoint_every_steps: Optional[int] = None
-    keep_checkpoints: int = 3
-    eval_batch_size: int = 64
-    dtype: str = "float32"  # compute dtype of the model: float32 | bfloat16
-    conv_impl: str = "auto"  # convolution back end (models/conv.py): auto | xla | im2col | winograd | winograd_f2
+    checkpoint_every_steps: Optional[int] = _field(None, "Also checkpoint every N steps (besides every epoch).")
+    keep_checkpoints: int = _field(3, "Keep the last N checkpoints (and the best by validation SSIM).")
+    eval_batch_size: int = _field(64, "Batch size of validation, evaluation and inference.")
+
+    def __post_init__(self):
+        if (self.slices is None) == (self.slab_mm is None):
+            raise UserError("Give exactly one of --slices and --slab_mm.")
+        positive = {"slices": self.slices, "slab_mm": self.slab_mm, "learning_rate": self.learning_rate,
+                    "max_train_minutes": self.max_train_minutes}
+        at_least = {"image_size": (self.image_size, 8), "batch_size": (self.batch_size, 1),
+                    "epochs": (self.epochs, 1), "eval_batch_size": (self.eval_batch_size, 1),
+                    "keep_checkpoints": (self.keep_checkpoints, 1), "max_steps": (self.max_steps, 1),
+                    "checkpoint_every_steps": (self.checkpoint_every_steps, 1),
+                    "max_subjects": (self.max_subjects, 2)}
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise UserError(f"--{name} must be positive, got {value}.")
+        for name, (value, least) in at_least.items():
+            if value is not None and value < least:
+                raise UserError(f"--{name} must be at least {least}, got {value}.")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}.")
 
     def replace(self, **changes) -> "Config":
-        """A copy with some fields changed."""
+        """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
@@ -55,6 +89,7 @@ class Config:
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
+        """The config a run recorded; fields it does not know are ignored, fields it lacks take their defaults."""
         values = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})

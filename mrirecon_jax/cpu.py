@@ -1,19 +1,11 @@
-"""Process-level settings that make XLA's CPU back end faster on this project's workloads.
+"""Process-level settings that make XLA's CPU back end faster on this project's workloads (measurements:
+docs/cpu-performance.md).
 
-Measured on the 2-core Xeon (jax 0.10.2), thesis U-Net train step at 64 px, batch 8, f32 — see models/conv.py for
-the convolution formulations themselves:
-
-- ``xla_flags``, applied when the package is imported, before JAX starts a backend: Eigen rather than YNNPACK
-  for CPU convolutions (0.84 -> 0.75 s per step), and copy insertion with region analysis, which drops the copy
-  XLA made of every parameter before Adam updates it in place (79 -> 54 copies; median step 0.723 -> 0.706 s
-  over three alternating pairs of 15-step runs).
-- ``keep_freed_memory``: XLA's CPU runtime allocates and frees a ~290 MB temporary arena and several ~75 MB
-  convolution buffers every step; glibc hands each back to the kernel, so every step pays ~70,000 page faults
-  again (0.75 -> 0.71 s). Keeping freed memory in the heap removes them. Called by ``run.py`` only (it changes
-  how the whole process allocates), never on import. Known cost (perf): in the one shared heap, the ~5,000
-  page-aligned 72 KB workspaces per step that oneDNN's sgemm (inside Eigen's convolutions) allocates spend ~5 %
-  of the CPU time walking glibc's large bins. More arenas would avoid that, but glibc's per-thread arenas mmap
-  every buffer too big for their 64 MB heaps whatever M_MMAP_MAX says, so the page faults come back.
+- ``xla_flags``, applied when the package is imported, before JAX starts a backend: Eigen rather than YNNPACK for
+  CPU convolutions, and copy insertion with region analysis (no copy of each parameter before Adam updates it).
+- ``keep_freed_memory``: glibc keeps freed memory in the heap instead of returning it to the kernel, so the large
+  buffers XLA's CPU runtime allocates and frees every step do not cost page faults again. Called by ``run.py``
+  only (it changes how the whole process allocates), never on import.
 """
 
 from __future__ import annotations

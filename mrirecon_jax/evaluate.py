@@ -2,7 +2,7 @@
 
 Evaluated on the run's own validation subjects, or on every subject of an unseen folder prepared exactly as the
 run's data. Each corruption kind of the catalogue is evaluated as the policy ``patch+KIND``, the run's own
-policy as ``original``, and ``overall`` pools every catalogue kind (each slice once per kind). Corruptions use
+policy as ``run_policy``, and ``overall`` pools every catalogue kind (each slice once per kind). Corruptions use
 the fixed per-slice keys of ``train.evaluate_slices``, so two evaluations of a checkpoint agree to the last digit,
 and the baselines see the very inputs the model saw. Results land in ``WORKDIR/eval/``: ``metrics.json`` and
 the figures (training curves from ``metrics.jsonl``; input / output / truth / difference grids per kind).
@@ -11,7 +11,6 @@ the figures (training curves from ``metrics.jsonl``; input / output / truth / di
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mrirecon_jax import baselines, corruptions, data, metrics, plots, train
-from mrirecon_jax.config import Config, UserError
-
-EVAL_DIR = "eval"
-RUN_POLICY = "original"  # the key under which the run's own corruption policy is evaluated
+from mrirecon_jax import baselines, corruptions, metrics, plots, train
+from mrirecon_jax.config import UserError
+from mrirecon_jax.data import dataset as dataset_lib
+from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, Workdir
 OVERALL = "overall"
 SHOWN_SLICES = 5
 
@@ -74,30 +72,30 @@ def _pool(per_kind: list[dict]) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _eval_steps(cfg: Config, graphdef) -> train.Steps:
-    """The run's jitted steps for one policy, kept so that evaluating a run again does not compile again."""
-    return train.make_steps(cfg, graphdef, train.make_optimizer(cfg))
+def _eval_step(graphdef, policy: corruptions.Policy, seed: int):
+    """The jitted eval step for one policy, kept so that evaluating a run again does not compile again."""
+    return train.make_eval_step(graphdef, policy, seed)
 
 
-def _evaluation_data(cfg, data_dir: Optional[str]) -> tuple[data.Dataset, str]:
+def evaluation_data(cfg, data_dir: Optional[str]) -> tuple[dataset_lib.Dataset, str]:
+    """(the slices an evaluation scores, which subjects they are): the run's validation subjects, or every
+    subject of `data_dir`, prepared as the run's data."""
     if data_dir is None:
-        return data.load_dataset(cfg), "the run's validation subjects"
-    return data.load_unseen_subjects(cfg, data_dir), f"every subject of {data_dir} (unseen)"
+        return dataset_lib.load_dataset(cfg), "the run's validation subjects"
+    return dataset_lib.load_unseen_subjects(cfg, data_dir), f"every subject of {data_dir} (unseen)"
 
 
 def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = None,
                  cache_dir: Optional[str] = None, kinds: Optional[Sequence[str]] = None) -> dict:
     """Evaluate the run in `workdir` at `checkpoint` on every catalogue kind (or only `kinds`); write and return
     ``WORKDIR/eval/metrics.json``, write the figures."""
-    workdir = Path(workdir)
-    run = train.restore_run(workdir, checkpoint)
+    work = Workdir(workdir)
+    run = train.restore_model(workdir, checkpoint)
     cfg = run.cfg if cache_dir is None else run.cfg.replace(cache_dir=cache_dir)
-    dataset, subjects = _evaluation_data(cfg, data_dir)
+    dataset, subjects = evaluation_data(cfg, data_dir)
     images = dataset.val
     if len(images) == 0:
         raise UserError(f"There are no slices to evaluate in {subjects}.")
-    out_dir = workdir / EVAL_DIR
-    out_dir.mkdir(exist_ok=True)
     mesh = train.make_mesh()
     n_subjects = len(dataset.val_subjects)
     shown = np.unique(np.linspace(0, len(images) - 1, SHOWN_SLICES).astype(int))
@@ -105,8 +103,8 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
     for name, spec in evaluation_policies(cfg.corruptions, kinds).items():
         logging.info("Evaluating %s (%s) on %d slices.", name, spec, len(images))
         policy = train.parse_policy(spec)
-        steps = _eval_steps(run.cfg.replace(corruptions=policy.spec), run.graphdef)
-        _, slices = train.evaluate_slices(steps, run.params, images, cfg.eval_batch_size, mesh, keep_all=True)
+        _, slices = train.evaluate_slices(_eval_step(run.graphdef, policy, cfg.seed), run.params, images,
+                                          cfg.eval_batch_size, mesh, keep_all=True)
         slice_kinds = [policy.kinds[i] if policy.kinds else None for i in slices["per_slice"]["kind"]]
         outputs = {"model": slices["reconstructed"],
                    **baselines.baseline_outputs(slices["corrupted"], slices["masks"], slice_kinds)}
@@ -114,7 +112,7 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
         results[name] = {"policy": policy.spec, **summarise(scores, n_subjects)}
         if name != RUN_POLICY:
             catalogue_scores.append(scores)
-        plots.save_sample_grid(out_dir / f"samples_{name}.png", slices["corrupted"][shown],
+        plots.save_sample_grid(work.figure(EVAL_DIR, f"samples_{name}"), slices["corrupted"][shown],
                                slices["reconstructed"][shown], slices["clean"][shown], slices["masks"][shown],
                                row_labels=[f"{name}, slice {i}" for i in shown])
     if catalogue_scores:
@@ -127,28 +125,21 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
         "data": dataset.source, "subjects": subjects, "n_subjects": n_subjects, "n_slices": int(len(images)),
         "baseline_definitions": baselines.DESCRIPTIONS, "kinds": results,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
-    save_training_figures(workdir, out_dir)
+    work.write_evaluation(report)
+    save_training_figures(work)
     return report
 
 
-def read_evaluation(workdir) -> dict:
-    """WORKDIR/eval/metrics.json as :func:`evaluate_run` wrote it."""
-    path = Path(workdir) / EVAL_DIR / "metrics.json"
-    if not path.is_file():
-        raise UserError(f"{workdir} has no {EVAL_DIR}/metrics.json; run --mode=evaluate --workdir={workdir} first.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); run --mode=evaluate again.") from None
+TRAINING_FIGURES = {"ssim_per_epoch": plots.save_ssim_per_epoch, "ssim_change": plots.save_ssim_change,
+                    "ssim_vs_time": plots.save_ssim_vs_time}
 
 
-def save_training_figures(workdir, out_dir: Path) -> list[Path]:
+def save_training_figures(work: Workdir) -> list[Path]:
     """SSIM per epoch, SSIM change epoch over epoch-1, and SSIM against wall-clock time, from metrics.jsonl."""
-    records = train.read_metrics(workdir)
-    paths = [out_dir / "ssim_per_epoch.png", out_dir / "ssim_change.png", out_dir / "ssim_vs_time.png"]
-    plots.save_ssim_per_epoch(paths[0], records)
-    plots.save_ssim_change(paths[1], records)
-    plots.save_ssim_vs_time(paths[2], records)
+    records = work.read_metrics()
+    paths = []
+    for name, draw in TRAINING_FIGURES.items():
+        paths.append(work.figure(EVAL_DIR, name))
+        draw(paths[-1], records)
     return paths
 

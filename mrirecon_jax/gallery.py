@@ -18,8 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mrirecon_jax import corruptions, data
+from mrirecon_jax import corruptions, plots
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.data import demo, volumes
+from mrirecon_jax.data.prepare import prepare_volume
 
 COLUMNS = 6
 
@@ -28,14 +30,14 @@ def gallery_slice(cfg: Config) -> tuple[np.ndarray, str]:
     """The central ``cfg.plane`` slice, (image_size, image_size, 1) in [0, 1], of the first volume of
     ``cfg.data_dir`` (sorted by path) or of the first demo subject, and a line saying which it is."""
     if cfg.data_dir is None:
-        (subject, volume, zooms), = data.demo_volumes(n_subjects=1)[0]
+        (subject, volume, zooms), = demo.demo_volumes(n_subjects=1)[0]
         what = f"{subject} (demo source, not a real subject)"
     else:
-        path = data.find_volumes(cfg.data_dir)[0]
-        volume, zooms = data.load_volume(path)
+        path = volumes.find_volumes(cfg.data_dir)[0]
+        volume, zooms = volumes.load_volume(path)
         what = path.name
-    image = data.extract_slices(volume, zooms, cfg.plane, cfg.image_size, slices=1)[0]
-    return image[..., None], f"{what}: central {cfg.plane} slice, {cfg.image_size} px"
+    image = prepare_volume(volume, zooms, cfg.replace(slices=1, slab_mm=None)).clean()[0]
+    return image, f"{what}: central {cfg.plane} slice, {cfg.image_size} px"
 
 
 def corruption_panels(image: np.ndarray, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -73,8 +75,7 @@ def _draw(path: Path, panels: dict, title: str) -> None:
         axes[row + 1, col].imshow(kspace, cmap="gray", vmin=0.0, vmax=kspace_max)
     fig.suptitle(f"{title}; below each image: log(1 + |k-space|)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save_figure(fig, path)
 
 
 def save_gallery(cfg: Config, output) -> Path:

@@ -1,27 +1,21 @@
 """Whole volumes in, whole volumes out: reconstruct a NIfTI with a trained run, map anomalies, score them.
 
-A volume is read in canonical RAS (``data.load_volume``), skull-stripped first if the run was trained that way,
-sliced along the run's plane and prepared exactly as training prepared its slices (``data.volume_slices``:
-display orientation, square field of view, resized to ``image_size``, per-slice min-max), reconstructed in
-batches, and put back into a volume on the model's grid whose affine (``data.model_grid_affine``) places it in
-scanner space. With ``resample_to_input`` the result is resampled (trilinear) onto the input file's own grid,
-array order and affine.
+A volume is read in canonical RAS and prepared by ``data.prepare.prepare_volume``, exactly as the run's training
+prepared its slices (skull stripping, plane, square field of view, model grid) but along every slice. Each slice
+is normalised by ``data.normalise.normalise_input`` (as training normalises its corrupted slices), reconstructed
+in batches, mapped back by the same affine into the input's intensity units, and put back into a volume on the
+model's grid whose affine (``geometry.model_grid_affine``) places it in scanner space. With
+``resample_to_input`` the result is resampled (trilinear) onto the input file's own grid, array order and affine.
 
-Units: reconstructions (and corrupted inputs) are written in the input's intensity units, each slice's min-max
-normalisation undone; anomaly maps are in the model's normalised units (0.1 = a tenth of the slice's range).
-
-The anomaly map is the residual between the prepared input and its reconstruction (absolute, or its positive or
-negative part), median-filtered in-plane and set to 0 outside the brain mask. Detection scores (pixel-level
-AUROC, AUPRC as average precision, best Dice and its threshold) are pooled over the brain-mask pixels of the
-model's grid (Baur et al. 2021; Kascenas et al. 2022).
+The anomaly map is the residual between the normalised input and its reconstruction (absolute, or its positive or
+negative part), median-filtered in-plane and set to 0 outside the brain mask, in the model's normalised units.
+Detection scores (pixel-level AUROC, AUPRC as average precision, best Dice and its threshold) are pooled over the
+brain-mask pixels of the model's grid (Baur et al. 2021; Kascenas et al. 2022).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -33,23 +27,25 @@ import nibabel.processing
 import numpy as np
 import scipy.ndimage
 
-from mrirecon_jax import corruptions, data, metrics, plots, train
+from mrirecon_jax import corruptions, metrics, plots, train
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.data import dataset as dataset_lib
+from mrirecon_jax.data import geometry, normalise, volumes
+from mrirecon_jax.data.prepare import PreparedVolume, grid_mask, prepare_volume
+from mrirecon_jax.workdir import DETECT_DIR, Workdir, write_atomically, write_json
 
 RESIDUALS = ("abs", "pos", "neg")
 MEDIAN_FILTER_PX = 3  # in-plane median filter of the residual, in model pixels
-MASK_LEVEL = 0.5  # masks are resampled to the model grid as fractions and kept where at least this
 ANOMALY_KINDS = ("patch", "blob")  # detect_eval: the thesis's line patch, and corruptions.lesion_blob
 FIGURE_CASES_PER_KIND = 2
-DETECT_DIR = "detect"
 
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-    """A run's configuration and its model as a function of (N, S, S, 1) float32 slices in [0, 1]."""
+    """A run's configuration and its model as a function of normalised (N, S, S, 1) slices."""
 
     cfg: Config
-    apply: Callable
+    apply: Callable  # normalised input batch -> output in the same frame
     source: str = ""  # where the model came from (workdir and step), recorded in the outputs
     workdir: Optional[Path] = None  # the run's workdir, when loaded from one
 
@@ -58,22 +54,36 @@ def load_predictor(run: Union[Predictor, str, os.PathLike], checkpoint: str = "b
     """The model of the run in workdir `run` at `checkpoint` (best, last or a step); a Predictor is returned as is."""
     if isinstance(run, Predictor):
         return run
-    trained = train.restore_run(run, checkpoint)
-    steps = train.make_steps(trained.cfg, trained.graphdef, train.make_optimizer(trained.cfg))
-    return Predictor(cfg=trained.cfg, apply=functools.partial(steps.reconstruct, trained.params),
-                     source=f"{Path(run)} step {trained.step}", workdir=Path(run))
+    trained = train.restore_model(run, checkpoint)
+    return Predictor(cfg=trained.cfg, apply=trained.apply, source=trained.source, workdir=Path(run))
 
 
-def predict(predictor: Predictor, slices: np.ndarray) -> np.ndarray:
-    """Reconstruct (n, S, S) slices in batches of the run's eval_batch_size (the last one padded); clipped to [0, 1]."""
+_normalise_input = jax.jit(normalise.normalise_input)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prediction:
+    """A model's reconstruction of (n, S, S) slices: in their own units, and both sides in the model's frame."""
+
+    reconstruction: np.ndarray  # in the input's intensity units
+    inputs: np.ndarray  # the normalised inputs
+    outputs: np.ndarray  # the model's outputs, in the normalised frame
+
+
+def predict(predictor: Predictor, slices: np.ndarray) -> Prediction:
+    """Reconstruct (n, S, S) slices in batches of the run's eval_batch_size (the last one padded)."""
     size = min(predictor.cfg.eval_batch_size, len(slices))
-    out = []
+    parts = {"reconstruction": [], "inputs": [], "outputs": []}
     for start in range(0, len(slices), size):
         chunk = slices[start:start + size]
-        padded = np.zeros((size,) + slices.shape[1:] + (1,), np.float32)
-        padded[:len(chunk), ..., 0] = chunk
-        out.append(np.asarray(predictor.apply(jnp.asarray(padded)), np.float32)[:len(chunk), ..., 0])
-    return np.clip(np.concatenate(out), 0.0, 1.0)
+        padded = np.repeat(chunk[-1:], size, axis=0)
+        padded[:len(chunk)] = chunk
+        x, offset, scale = _normalise_input(jnp.asarray(padded[..., None], jnp.float32))
+        y = predictor.apply(x)
+        for name, array in (("reconstruction", normalise.denormalise(y, offset, scale)), ("inputs", x),
+                            ("outputs", y)):
+            parts[name].append(np.asarray(array, np.float32)[:len(chunk), ..., 0])
+    return Prediction(**{name: np.concatenate(arrays) for name, arrays in parts.items()})
 
 
 def _check_residual(residual: str) -> None:
@@ -93,18 +103,6 @@ def anomaly_map(inputs: np.ndarray, reconstructions: np.ndarray, brain: np.ndarr
 
 # ------------------------------------------------------------------------------------------- volumes and files
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PreparedVolume:
-    """An input volume's slices on the model grid, with what is needed to write results back."""
-
-    slices: np.ndarray  # (n, S, S) float32 in [0, 1], prepared as in training
-    geometry: data.SliceGeometry
-    affine: np.ndarray  # voxel-to-world affine of the model-grid volume
-    brain: Optional[np.ndarray]  # (n, S, S) bool brain mask on the model grid (None when not asked for)
-    canonical_shape: tuple[int, int, int]
-    zooms: tuple[float, float, float]
-
-
 def _same_file(a, b) -> bool:
     a, b = Path(a), Path(b)
     if a.exists() and b.exists():
@@ -115,7 +113,7 @@ def _same_file(a, b) -> bool:
 def _check_outputs(outputs, inputs) -> None:
     """Refuse a first output that is not a .nii / .nii.gz name, outputs whose folder does not exist, and outputs
     that would overwrite an input (the others are files named after the first)."""
-    if not Path(outputs[0]).name.endswith((".nii", ".nii.gz")):
+    if not Path(outputs[0]).name.endswith(volumes.NIFTI_SUFFIXES):
         raise UserError(f"Output {outputs[0]} must be a .nii or .nii.gz file.")
     for output in map(Path, outputs):
         if not output.parent.is_dir():
@@ -134,60 +132,36 @@ def _beside(output, suffix: str, extension: Optional[str] = None) -> Path:
 
 def _read_mask(path, what: str, input_path, shape) -> np.ndarray:
     """A mask NIfTI that must lie on the input's grid, as a canonical bool volume."""
-    mask, _ = data.load_volume(path)
-    if mask.shape != tuple(shape) or not np.allclose(data.canonical_affine(path), data.canonical_affine(input_path),
-                                                     atol=1e-3):
+    mask, _ = volumes.load_volume(path)
+    if mask.shape != tuple(shape) or not np.allclose(volumes.canonical_affine(path),
+                                                     volumes.canonical_affine(input_path), atol=1e-3):
         raise UserError(f"The {what} {path} (shape {mask.shape}) is not on the grid of the input {input_path} "
                         f"(shape {tuple(shape)}); give a mask with the input's shape and affine.")
     return mask > 0
 
 
-def _slice_mask(mask: np.ndarray, zooms, geometry: data.SliceGeometry) -> np.ndarray:
-    """A canonical bool volume sliced like the input: (n, S, S) bool, a pixel in when most of it is."""
-    sliced, _ = data.volume_slices(mask.astype(np.float32), zooms, geometry.plane, geometry.image_size,
-                                   geometry.indices, normalise=False)
-    return sliced >= MASK_LEVEL
-
-
-def prepare_volume(path, cfg: Config, brain_mask_path=None, with_brain: bool = True) -> PreparedVolume:
-    """Read a NIfTI volume and prepare every slice along the run's plane as the run's training did.
-
-    The brain mask is the NIfTI `brain_mask_path` (on the input's grid) or computed by data.brain_mask; it is
-    only made when `with_brain` or the run was trained skull-stripped (else `brain` is None).
-    """
-    volume, zooms = data.load_volume(path)
-    mask = None
-    if brain_mask_path is not None:
-        mask = _read_mask(brain_mask_path, "brain mask", path, volume.shape)
-    elif with_brain or cfg.skull_strip:
-        mask = data.brain_mask(volume, zooms)
-    if cfg.skull_strip:
-        volume = data.skull_strip(volume, mask)
-    slices, geometry = data.volume_slices(volume, zooms, cfg.plane, cfg.image_size)
-    brain = None if mask is None else _slice_mask(mask, zooms, geometry)
-    return PreparedVolume(slices=slices, geometry=geometry, brain=brain,
-                          canonical_shape=volume.shape, zooms=zooms,
-                          affine=data.model_grid_affine(geometry, data.canonical_affine(path)))
-
-
 def _write(slices: np.ndarray, prepared: PreparedVolume, output, input_path, resample_to_input: bool) -> None:
-    """Write (n, S, S) slices as a float32 NIfTI on the model grid, or resampled onto the input file's grid."""
-    volume = data.slices_to_volume(slices, prepared.geometry).astype(np.float32)
-    image = nib.Nifti1Image(volume, prepared.affine)
+    """Write (n, S, S) slices as a float32 NIfTI on the model grid, or resampled onto the input file's grid;
+    atomically, so a failure leaves no partial file."""
+    affine = geometry.model_grid_affine(prepared.geometry, volumes.canonical_affine(input_path))
+    image = nib.Nifti1Image(geometry.slices_to_volume(slices, prepared.geometry).astype(np.float32), affine)
     image.header.set_xyzt_units("mm")
     if resample_to_input:
         original = nib.load(str(input_path))
         image = nibabel.processing.resample_from_to(image, (original.shape[:3], original.affine), order=1,
                                                     mode="nearest")
-    image.to_filename(str(output))
+    write_atomically(output, image.to_filename)
 
 
 def _corrupt(slices: np.ndarray, spec: str, seed: int) -> np.ndarray:
-    """Each slice corrupted by the policy `spec` with its own key (seed, slice index)."""
+    """Each slice corrupted by the policy `spec` with its own key (seed, slice index), in the slices' own units
+    (corrupted in the per-slice min-max frame that training corrupts in, then mapped back)."""
     policy = train.parse_policy(spec, "--corrupt")
+    low, span = normalise.minmax_affine(slices)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(len(slices)))
     corrupt = jax.jit(jax.vmap(lambda k, x: corruptions.corrupt_image(k, x, policy)[0]))
-    return np.asarray(corrupt(keys, jnp.asarray(slices[..., None])))[..., 0]
+    corrupted = np.asarray(corrupt(keys, jnp.asarray(((slices - low) / span)[..., None])))[..., 0]
+    return corrupted * span + low
 
 
 # ------------------------------------------------------------------------------------------- the three jobs
@@ -202,41 +176,44 @@ def reconstruct(run, input_path, output_path, *, checkpoint: str = "best", resam
     """
     outputs = [output_path] + ([_beside(output_path, "_corrupted")] if corrupt else [])
     _check_outputs(outputs, [input_path])
+    if corrupt:
+        train.parse_policy(corrupt, "--corrupt")
     predictor = load_predictor(run, checkpoint)
-    prepared = prepare_volume(input_path, predictor.cfg, with_brain=False)
+    prepared = prepare_volume(*volumes.load_volume(input_path), predictor.cfg, whole_volume=True)
     inputs = prepared.slices
     if corrupt:
         inputs = _corrupt(inputs, corrupt, predictor.cfg.seed if seed is None else seed)
-        _write(data.to_input_units(inputs, prepared.geometry), prepared, outputs[1], input_path, resample_to_input)
-    reconstructed = predict(predictor, inputs)
-    _write(data.to_input_units(reconstructed, prepared.geometry), prepared, output_path, input_path,
-           resample_to_input)
+        _write(inputs, prepared, outputs[1], input_path, resample_to_input)
+    _write(predict(predictor, inputs).reconstruction, prepared, output_path, input_path, resample_to_input)
     return {"outputs": [str(p) for p in outputs], "model": predictor.source, "slices": len(inputs),
             "grid": "input" if resample_to_input else f"model ({predictor.cfg.image_size} px in-plane)",
-            "units": "input intensity units (per-slice min-max undone)"}
+            "units": "input intensity units"}
 
 
 def detect(run, input_path, output_path, *, checkpoint: str = "best", brain_mask_path=None, lesion_mask_path=None,
            residual: str = "abs", resample_to_input: bool = False) -> dict:
     """Write the anomaly map of a NIfTI volume; with a lesion mask also score it (written to OUT.json).
 
-    The brain mask is `brain_mask_path` (a NIfTI on the input's grid) or computed (data.brain_mask). Scores are
-    pooled over the brain-mask pixels of the model's grid. Returns the summary that is written as JSON.
+    The brain mask is `brain_mask_path` (a NIfTI on the input's grid) or computed (data.brain.brain_mask). Scores
+    are pooled over the brain-mask pixels of the model's grid. Returns the summary that is written as JSON.
     """
     json_path = _beside(output_path, "", ".json")
     _check_outputs([output_path] + ([json_path] if lesion_mask_path else []),
                    [input_path, brain_mask_path, lesion_mask_path])
     _check_residual(residual)
     predictor = load_predictor(run, checkpoint)
-    prepared = prepare_volume(input_path, predictor.cfg, brain_mask_path)
-    amap = anomaly_map(prepared.slices, predict(predictor, prepared.slices), prepared.brain, residual)
+    volume, zooms = volumes.load_volume(input_path)
+    mask = None if brain_mask_path is None else _read_mask(brain_mask_path, "brain mask", input_path, volume.shape)
+    prepared = prepare_volume(volume, zooms, predictor.cfg, whole_volume=True, brain=mask, with_brain=True)
+    prediction = predict(predictor, prepared.slices)
+    amap = anomaly_map(prediction.inputs, prediction.outputs, prepared.brain, residual)
     _write(amap, prepared, output_path, input_path, resample_to_input)
     summary = {"output": str(output_path), "input": str(input_path), "model": predictor.source,
                "residual": residual, "brain_mask": str(brain_mask_path) if brain_mask_path else "computed",
-               "brain_pixels": int(prepared.brain.sum()), "units": "normalised residual (slice range = 1)"}
+               "brain_pixels": int(prepared.brain.sum()), "units": "normalised residual"}
     if lesion_mask_path is not None:
-        lesion = _read_mask(lesion_mask_path, "lesion mask", input_path, prepared.canonical_shape)
-        truth = _slice_mask(lesion, prepared.zooms, prepared.geometry)
+        lesion = _read_mask(lesion_mask_path, "lesion mask", input_path, volume.shape)
+        truth = grid_mask(lesion, zooms, prepared.geometry)
         summary["lesion_mask"] = str(lesion_mask_path)
         summary["scores_over"] = "brain-mask pixels of the model grid"
         summary.update(metrics.detection_scores(amap[prepared.brain], truth[prepared.brain]))
@@ -244,29 +221,17 @@ def detect(run, input_path, output_path, *, checkpoint: str = "best", brain_mask
         if threshold is not None:
             summary["val_threshold"] = threshold
             summary["dice_at_val_threshold"] = metrics.dice_at(amap[prepared.brain], truth[prepared.brain], threshold)
-        json_path.write_text(json.dumps(_finite(summary), indent=2))
+        write_json(json_path, summary)
     return summary
 
 
 def _validation_threshold(predictor: Predictor, residual: str) -> Optional[float]:
     """The best-Dice threshold for synthetic lesions (blobs) that detect_eval chose on the run's validation
     subjects with the same residual, or None when detect_eval has not been run."""
-    path = None if predictor.workdir is None else predictor.workdir / DETECT_DIR / "metrics.json"
-    if path is None or not path.is_file():
-        return None
-    results = json.loads(path.read_text())
-    if results.get("residual") != residual or results.get("model") != predictor.source:
+    results = None if predictor.workdir is None else Workdir(predictor.workdir).read_detection()
+    if results is None or results.get("residual") != residual or results.get("model") != predictor.source:
         return None
     return results["kinds"]["blob"]["best_threshold"]
-
-
-def _finite(tree):
-    """NaN and inf -> None, so the JSON is valid."""
-    if isinstance(tree, dict):
-        return {k: _finite(v) for k, v in tree.items()}
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
 
 
 def _anomaly_generator(kind: str):
@@ -280,20 +245,74 @@ def _anomaly_generator(kind: str):
     return jax.jit(jax.vmap(one))
 
 
-def _evaluation_subjects(workdir: Path, readers, max_subjects: Optional[int]):
+def _evaluation_subjects(work: Workdir, readers, max_subjects: Optional[int]):
     """The run's validation subjects found among the readers (else every subject it did not train on)."""
-    split_path = workdir / "split.json"
-    if not split_path.is_file():
-        raise UserError(f"{workdir} holds no split.json; train the run there first.")
-    split = json.loads(split_path.read_text())
+    split = work.read_split()
     chosen = [(s, r) for s, r in readers if s in set(split["val_subjects"])]
     if not chosen:
         chosen = [(s, r) for s, r in readers if s not in set(split["train_subjects"])]
     if not chosen:
-        raise UserError(f"Every subject of the data was used to train the run in {workdir}; nothing to evaluate.")
+        raise UserError(f"Every subject of the data was used to train the run in {work}; nothing to evaluate.")
     if max_subjects is not None and max_subjects < 1:
         raise UserError(f"--max_subjects must be at least 1, got {max_subjects}.")
     return chosen[:max_subjects]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SyntheticCases:
+    """Held-out slices, each given one synthetic anomaly of every kind in turn (ANOMALY_KINDS)."""
+
+    subjects: list[str]
+    clean: np.ndarray  # (n, S, S) clean slices in [0, 1]
+    brain: np.ndarray  # (n, S, S) bool brain masks
+    owner: np.ndarray  # (n,) index into subjects
+    anomalous: dict  # kind -> (n, S, S) slices with the anomaly
+    truth: dict  # kind -> (n, S, S) bool, the anomaly's extent inside the brain
+
+
+def synthetic_cases(cfg: Config, subjects, seed: int) -> SyntheticCases:
+    """Prepare each (subject, reader) as `cfg` trains (with a computed brain mask) and insert the anomalies, each
+    slice with its own key (seed, kind, slice index)."""
+    clean, brain, owner = [], [], []
+    for index, (_, read) in enumerate(subjects):
+        prepared = prepare_volume(*read(), cfg, with_brain=True)
+        clean.append(prepared.clean()[..., 0])
+        brain.append(prepared.brain)
+        owner.append(np.full(len(prepared.slices), index))
+    clean, brain, owner = np.concatenate(clean), np.concatenate(brain), np.concatenate(owner)
+    anomalous, truth = {}, {}
+    for kind_index, kind in enumerate(ANOMALY_KINDS):
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(jax.random.key(seed), kind_index),
+                                                                 jnp.arange(len(clean)))
+        images, masks = _anomaly_generator(kind)(keys, jnp.asarray(clean[..., None]), jnp.asarray(brain[..., None]))
+        anomalous[kind], truth[kind] = np.asarray(images)[..., 0], (np.asarray(masks)[..., 0] > 0) & brain
+    return SyntheticCases(subjects=[s for s, _ in subjects], clean=clean, brain=brain, owner=owner,
+                          anomalous=anomalous, truth=truth)
+
+
+def score_cases(predictor: Predictor, cases: SyntheticCases, residual: str = "abs") -> tuple[dict, dict]:
+    """(scores, maps): per kind and overall AUROC, AUPRC and the best Dice with its threshold, pooled over the
+    brain pixels of every case; per subject the same and the Dice at the pooled threshold. `maps` holds each
+    kind's (anomalous, reconstruction, anomaly map, truth)."""
+    _check_residual(residual)
+    maps, results = {}, {"kinds": {}, "per_subject": {}}
+    brain = cases.brain
+    for kind in ANOMALY_KINDS:
+        prediction = predict(predictor, cases.anomalous[kind])
+        amap = anomaly_map(prediction.inputs, prediction.outputs, brain, residual)
+        maps[kind] = (cases.anomalous[kind], prediction.reconstruction, amap, cases.truth[kind])
+        results["kinds"][kind] = metrics.detection_scores(amap[brain], cases.truth[kind][brain])
+    results["overall"] = metrics.detection_scores(np.concatenate([maps[k][2][brain] for k in ANOMALY_KINDS]),
+                                                  np.concatenate([maps[k][3][brain] for k in ANOMALY_KINDS]))
+    for index, subject in enumerate(cases.subjects):
+        here = brain & (cases.owner == index)[:, None, None]
+        results["per_subject"][subject] = {}
+        for kind in ANOMALY_KINDS:
+            amap, truth = maps[kind][2][here], maps[kind][3][here]
+            scores = metrics.detection_scores(amap, truth)
+            scores["dice_at_val_threshold"] = metrics.dice_at(amap, truth, results["kinds"][kind]["best_threshold"])
+            results["per_subject"][subject][kind] = scores
+    return results, maps
 
 
 def detect_eval(workdir, data_dir: Optional[str] = None, *, checkpoint: str = "best",
@@ -301,71 +320,24 @@ def detect_eval(workdir, data_dir: Optional[str] = None, *, checkpoint: str = "b
     """Insert synthetic anomalies into held-out subjects, detect them, and write WORKDIR/detect/metrics.json.
 
     Subjects: the run's validation subjects in `data_dir` (default: the run's data), else every subject the run
-    did not train on; at most `max_subjects`. Each is prepared as the run was trained (its plane, slab, size,
-    skull stripping), with a computed brain mask. Every slice gets one anomaly of each kind (ANOMALY_KINDS,
-    separately). Per kind and overall: AUROC, AUPRC and the best Dice with its threshold, chosen on these
-    validation subjects, pooled over all their brain pixels; per subject the same and the Dice at that threshold.
-    Also writes WORKDIR/detect/cases.png. Returns the metrics.
+    did not train on; at most `max_subjects`. Scores: see :func:`score_cases`; the thresholds are chosen on these
+    validation subjects. Also writes WORKDIR/detect/cases.png.
     """
-    workdir = Path(workdir)
+    work = Workdir(workdir)
     _check_residual(residual)
     predictor = load_predictor(workdir, checkpoint)
     cfg = predictor.cfg
     seed = cfg.seed if seed is None else seed
-    subjects = _evaluation_subjects(workdir, data.volume_readers(data_dir or cfg.data_dir), max_subjects)
-    axis = data.PLANE_AXES[cfg.plane]
-    clean, brain, owner = [], [], []
-    for index, (_, read) in enumerate(subjects):
-        volume, zooms = read()
-        mask = data.brain_mask(volume, zooms)
-        if cfg.skull_strip:
-            volume = data.skull_strip(volume, mask)
-        indices = data.slab_indices(volume.shape[axis], zooms[axis], cfg.slices, cfg.slab_mm)
-        slices, geometry = data.volume_slices(volume, zooms, cfg.plane, cfg.image_size, indices)
-        clean.append(slices)
-        brain.append(_slice_mask(mask, zooms, geometry))
-        owner.append(np.full(len(slices), index))
-    clean, brain, owner = np.concatenate(clean), np.concatenate(brain), np.concatenate(owner)
-
-    base_key = jax.random.key(seed)
-    cases, pooled = {}, {"maps": [], "truths": []}
-    for kind_index, kind in enumerate(ANOMALY_KINDS):
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(base_key, kind_index),
-                                                                 jnp.arange(len(clean)))
-        anomalous, truth = _anomaly_generator(kind)(keys, jnp.asarray(clean[..., None]),
-                                                    jnp.asarray(brain[..., None]))
-        anomalous, truth = np.asarray(anomalous)[..., 0], (np.asarray(truth)[..., 0] > 0) & brain
-        reconstructed = predict(predictor, anomalous)
-        amap = anomaly_map(anomalous, reconstructed, brain, residual)
-        cases[kind] = (anomalous, reconstructed, amap, truth)
-        pooled["maps"].append(amap[brain])
-        pooled["truths"].append(truth[brain])
-
-    def scores_of(maps, truths, threshold=None):
-        out = metrics.detection_scores(maps, truths)
-        if threshold is not None:
-            out["dice_at_val_threshold"] = metrics.dice_at(maps, truths, threshold)
-        return out
-
-    results = {"model": predictor.source, "residual": residual, "subjects": [s for s, _ in subjects],
-               "slices_per_kind": int(len(clean)), "seed": seed, "image_size": cfg.image_size, "plane": cfg.plane,
-               "slab": {"slices": cfg.slices, "slab_mm": cfg.slab_mm}, "skull_strip": cfg.skull_strip,
-               "brain_mask": "computed (data.brain_mask)", "scores_over": "brain-mask pixels, pooled",
-               "kinds": {}, "per_subject": {}}
-    for kind in ANOMALY_KINDS:
-        _, _, amap, truth = cases[kind]
-        results["kinds"][kind] = scores_of(amap[brain], truth[brain])
-    results["overall"] = scores_of(np.concatenate(pooled["maps"]), np.concatenate(pooled["truths"]))
-    for index, (subject, _) in enumerate(subjects):
-        here = brain & (owner == index)[:, None, None]
-        results["per_subject"][subject] = {
-            kind: scores_of(cases[kind][2][here], cases[kind][3][here], results["kinds"][kind]["best_threshold"])
-            for kind in ANOMALY_KINDS}
-
-    out_dir = workdir / DETECT_DIR
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(_finite(results), indent=2))
-    _save_cases(out_dir / "cases.png", cases, owner, [s for s, _ in subjects])
+    readers, _, _ = dataset_lib.volume_readers(data_dir or cfg.data_dir)
+    cases = synthetic_cases(cfg, _evaluation_subjects(work, readers, max_subjects), seed)
+    scores, maps = score_cases(predictor, cases, residual)
+    results = {"model": predictor.source, "residual": residual, "subjects": cases.subjects,
+               "slices_per_kind": int(len(cases.clean)), "seed": seed, "image_size": cfg.image_size,
+               "plane": cfg.plane, "slab": {"slices": cfg.slices, "slab_mm": cfg.slab_mm},
+               "skull_strip": cfg.skull_strip, "brain_mask": "computed (data.brain.brain_mask)",
+               "scores_over": "brain-mask pixels, pooled", **scores}
+    work.write_detection(results)
+    _save_cases(work.figure(DETECT_DIR, "cases"), maps, cases.owner, cases.subjects)
     return results
 
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from mrirecon_jax.corruptions import patch_box
+
 SSIM_WINDOW = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -52,16 +54,12 @@ def ssim(pred, target, data_range: float = 1.0):
 
 
 def bounding_box_mask(mask):
-    """(N, H, W, 1) float mask of the bounding rectangle of each slice's non-zero pixels (zeros if none)."""
-    hit = mask[..., 0] > 0
-    rows = jnp.any(hit, axis=2)
-    cols = jnp.any(hit, axis=1)
-
-    def span(line):  # True from the first to the last hit, inclusive
-        return jax.lax.cummax(line, axis=1) & jax.lax.cummax(line, axis=1, reverse=True)
-
-    box = span(rows.astype(jnp.int32)).astype(bool)[:, :, None] & span(cols.astype(jnp.int32)).astype(bool)[:, None, :]
-    return box[..., None].astype(jnp.float32)
+    """(N, H, W, 1) float mask of the bounding rectangle (corruptions.patch_box) of each slice's non-zero pixels."""
+    boxes = jax.vmap(patch_box)(mask)
+    rows, cols = jnp.arange(mask.shape[1]), jnp.arange(mask.shape[2])
+    in_rows = (rows[None] >= boxes[:, :1]) & (rows[None] < boxes[:, 1:2])
+    in_cols = (cols[None] >= boxes[:, 2:3]) & (cols[None] < boxes[:, 3:4])
+    return (in_rows[:, :, None] & in_cols[:, None, :])[..., None].astype(jnp.float32)
 
 
 def _masked_mean(values, weights):

@@ -1,4 +1,4 @@
-"""Figures written into a workdir (matplotlib, no screen needed)."""
+"""Figures written into a workdir (matplotlib, no screen needed), each saved atomically."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
 
+from mrirecon_jax.corruptions import patch_box
+from mrirecon_jax.workdir import write_atomically
 
-def _box(mask: np.ndarray):
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure to `path` (its format from the name) atomically, and close it."""
+    try:
+        write_atomically(path, lambda temp: fig.savefig(temp, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def _image_grid(path, rows, titles, heat_column: int, row_labels=None, decorate=None) -> None:
@@ -37,17 +40,15 @@ def _image_grid(path, rows, titles, heat_column: int, row_labels=None, decorate=
         if row_labels is not None:
             axes[i][0].set_ylabel(row_labels[i])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_sample_grid(path, corrupted, reconstructed, clean, patch_masks, row_labels=None) -> None:
     """One row per slice: input (patch rectangle drawn), output, ground truth, |output - truth| heat map."""
 
     def draw_box(i, ax):
-        box = _box(patch_masks[i, ..., 0] > 0)
-        if box is not None:
-            r0, r1, c0, c1 = box
+        if np.any(patch_masks[i] > 0):
+            r0, r1, c0, c1 = np.asarray(patch_box(patch_masks[i]))
             ax.add_patch(matplotlib.patches.Rectangle(
                 (c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, edgecolor="cyan", linewidth=1.2))
 
@@ -84,8 +85,7 @@ def _save_ssim_curves(path, x, xlabel: str, records: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_ssim_per_epoch(path, records: list[dict]) -> None:
@@ -112,5 +112,4 @@ def save_ssim_change(path, records: list[dict]) -> None:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

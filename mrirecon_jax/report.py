@@ -9,14 +9,14 @@ kind, and the figures.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mrirecon_jax import corruptions, evaluate, train
+from mrirecon_jax import corruptions
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, Workdir, write_atomically
 
 MARKER = "<!-- written by mrirecon-jax --mode=report -->"
 THESIS_SLICES_PER_EPOCH = 23_715  # 465 training subjects x 51 slices: the thesis's "original" epoch
@@ -108,7 +108,7 @@ def _metric_cells(values: dict) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class _Run:
     label: str
-    workdir: Path
+    work: Workdir
     cfg: Config
     split: dict
     records: list
@@ -116,21 +116,14 @@ class _Run:
 
 
 def _read_run(workdir: str) -> _Run:
-    path = Path(workdir)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} holds no run (no config.json).")
-    evaluation = evaluate.read_evaluation(path)
-    try:
-        cfg = Config.from_json((path / "config.json").read_text())
-        split = json.loads((path / "split.json").read_text()) if (path / "split.json").is_file() else {}
-    except (json.JSONDecodeError, TypeError) as err:
-        raise UserError(f"{path} holds an unreadable config.json or split.json ({err}).") from None
-    return _Run(str(workdir), path, cfg, split, train.read_metrics(path), evaluation)
+    work = Workdir(workdir)
+    evaluation = work.read_evaluation()
+    return _Run(str(workdir), work, work.read_config(), work.read_split(), work.read_metrics(), evaluation)
 
 
 def _main_rows(run: _Run) -> list[str]:
     """Table 5.1 rows of one run: model (standard, thesis-compatible), baselines, the thesis's row."""
-    own = run.evaluation["kinds"][evaluate.RUN_POLICY]
+    own = run.evaluation["kinds"][RUN_POLICY]
     per_volume = run.evaluation["n_slices"] / max(run.evaluation["n_subjects"], 1)
     slices = f"{per_volume:g}" + (f" ({run.cfg.slab_mm:g} mm)" if run.cfg.slab_mm else "")
     data = (f"{THESIS_POLICIES.get(own['policy'], own['policy'])}; {run.evaluation['n_subjects']} subjects, "
@@ -175,13 +168,10 @@ def _kind_rows(run: _Run) -> list[str]:
 
 
 def _figures(run: _Run, output_dir: Path) -> list[str]:
-    eval_dir = run.workdir / evaluate.EVAL_DIR
-    names = ["ssim_per_epoch", "ssim_change", "ssim_vs_time"] + [f"samples_{kind}" for kind in run.evaluation["kinds"]]
     lines = [f"### {run.label}", ""]
-    for name in names:
-        if (eval_dir / f"{name}.png").is_file():
-            link = os.path.relpath((eval_dir / f"{name}.png").absolute(), output_dir.absolute())
-            lines.append(f"- [{name.replace('_', ' ')}]({link})")
+    for path in run.work.figures(EVAL_DIR):
+        link = os.path.relpath(path.absolute(), output_dir.absolute())
+        lines.append(f"- [{path.stem.replace('_', ' ')}]({link})")
     return lines + [""]
 
 
@@ -221,7 +211,8 @@ def write_report(workdirs: Sequence[str], output) -> Path:
         *[line for run in runs for line in _figures(run, output.parent)],
     ]
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    write_atomically(output, lambda temp: Path(temp).write_text(text))
     return output
 
 

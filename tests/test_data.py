@@ -1,22 +1,16 @@
-"""Tests for mrirecon_jax.data: reading, orientation, slab, resizing, splitting, caching, demo source."""
+"""The data room: reading, orientation, slab, resizing, normalisation, splitting, caching, demo source."""
 
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
 
-from mrirecon_jax import data
+from conftest import IXI_DIR, clean_slices, needs_ixi, symlink_subset, write_nifti
 from mrirecon_jax.config import Config, UserError
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-IXI_2MM = SHARED_DATA / "ixi-t1-2mm"
-
-
-def write_nifti(path, volume, affine=None):
-    nib.Nifti1Image(np.asarray(volume), np.eye(4) if affine is None else affine).to_filename(str(path))
-    return path
+from mrirecon_jax.data import dataset, demo, geometry, normalise, volumes
 
 
 def synthetic_data_dir(root, names, shape=(20, 24, 16), seed=0):
@@ -33,17 +27,6 @@ def small_config(data_dir, cache_dir, **changes):
                   image_size=16, slices=4).replace(**changes)
 
 
-def real_subset(tmp_path, count=8):
-    """A tmp folder of symlinks to `count` real IXI volumes (skips when ../shared/data is absent)."""
-    if not IXI_2MM.is_dir():
-        pytest.skip(f"real IXI data not found at {IXI_2MM}")
-    subset = tmp_path / "ixi-subset"
-    subset.mkdir()
-    for path in sorted(IXI_2MM.glob("*.nii.gz"))[:count]:
-        (subset / path.name).symlink_to(path)
-    return subset
-
-
 # --- files and volumes ------------------------------------------------------------------------------
 
 
@@ -55,27 +38,27 @@ def real_subset(tmp_path, count=8):
     ("brain.nii", "brain"),
 ])
 def test_subject_id(name, expected):
-    assert data.subject_id(name) == expected
+    assert volumes.subject_id(name) == expected
 
 
 def test_find_volumes_errors_and_listing(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        data.find_volumes(str(tmp_path / "missing"))
+        volumes.find_volumes(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a volume")
     with pytest.raises(UserError, match="no .nii"):
-        data.find_volumes(str(tmp_path / "empty"))
+        volumes.find_volumes(str(tmp_path / "empty"))
     root = synthetic_data_dir(tmp_path / "vols", ["b.nii.gz", "a.nii"])
     (root / "sub").mkdir()
     write_nifti(root / "sub" / "c.nii.gz", np.zeros((4, 4, 4), np.float32))
     (root / "readme.txt").write_text("x")
-    found = data.find_volumes(str(root))
+    found = volumes.find_volumes(str(root))
     assert [p.relative_to(root).as_posix() for p in found] == ["a.nii", "b.nii.gz", "sub/c.nii.gz"]
 
 
 def test_load_volume_missing_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        data.load_volume(tmp_path / "nope.nii.gz")
+        volumes.load_volume(tmp_path / "nope.nii.gz")
 
 
 @pytest.mark.parametrize("case", ["corrupt", "2d", "nan", "inf", "4d"])
@@ -92,13 +75,13 @@ def test_load_volume_rejects_bad_files(tmp_path, case):
         volume[3, 4, 5] = np.nan if case == "nan" else np.inf
         write_nifti(path, volume)
     with pytest.raises(UserError) as error:
-        data.load_volume(path)
+        volumes.load_volume(path)
     assert str(path) in str(error.value)
 
 
 def test_load_volume_accepts_singleton_4d(tmp_path):
     volume = np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8, 1)
-    loaded, zooms = data.load_volume(write_nifti(tmp_path / "v.nii.gz", volume))
+    loaded, zooms = volumes.load_volume(write_nifti(tmp_path / "v.nii.gz", volume))
     assert loaded.shape == (6, 7, 8) and loaded.dtype == np.float32
     np.testing.assert_array_equal(loaded, volume[..., 0])
     assert zooms == (1.0, 1.0, 1.0)
@@ -122,7 +105,7 @@ def test_canonical_reorientation(tmp_path):
     psr_affine[1, 3] = (shape[1] - 1) * zooms[1]
     assert nib.aff2axcodes(psr_affine) == ("P", "S", "R")
 
-    loaded = [data.load_volume(write_nifti(tmp_path / f"{name}.nii.gz", array, affine))
+    loaded = [volumes.load_volume(write_nifti(tmp_path / f"{name}.nii.gz", array, affine))
               for name, array, affine in [("ras", ras, ras_affine), ("lps", lps, lps_affine),
                                           ("psr", psr, psr_affine)]]
     for volume, volume_zooms in loaded:
@@ -140,16 +123,16 @@ def test_display_orientation_is_radiological(plane, corner):
     """Right-anterior (axial), right-superior (coronal), anterior-superior (sagittal) land top-left."""
     volume = np.zeros((16, 16, 16), np.float32)
     volume[corner] = 1.0
-    image = data.extract_slices(volume, (2.0, 2.0, 2.0), plane, 16, slices=2)[0]
+    image = clean_slices(volume, (2.0, 2.0, 2.0), plane, 16, 2)[0]
     assert image[:4, :4].min() == 1.0
     assert image[4:, :].max() == 0.0 and image[:, 4:].max() == 0.0
 
 
 def test_to_display_is_an_involution():
     stack = np.arange(2 * 3 * 5).reshape(2, 3, 5)
-    shown = data.to_display(stack)
+    shown = geometry.to_display(stack)
     assert shown.shape == (2, 5, 3)
-    np.testing.assert_array_equal(data.to_display(shown), stack)
+    np.testing.assert_array_equal(geometry.to_display(shown), stack)
 
 
 # --- slab and slices ----------------------------------------------------------------------------------
@@ -161,8 +144,8 @@ def physical_extent(indices, spacing):
 
 def test_slab_indices_same_physical_slab():
     """51 slices at 0.94 mm and a 48 mm slab at 2 mm cover the same central ~48 mm."""
-    full = data.slab_indices(256, 0.94, slices=51, slab_mm=None)
-    two_mm = data.slab_indices(120, 2.0, slices=None, slab_mm=48.0)
+    full = geometry.slab_indices(256, 0.94, slices=51, slab_mm=None)
+    two_mm = geometry.slab_indices(120, 2.0, slices=None, slab_mm=48.0)
     assert len(full) == 51 and len(two_mm) == 24
     np.testing.assert_array_equal(np.diff(two_mm), 1)
     (lo_a, hi_a), (lo_b, hi_b) = physical_extent(full, 0.94), physical_extent(two_mm, 2.0)
@@ -172,22 +155,17 @@ def test_slab_indices_same_physical_slab():
     assert abs((lo_b + hi_b) / 2 - 119 * 2.0 / 2) < 1.0
 
 
-def test_slab_indices_clipping_and_errors():
-    np.testing.assert_array_equal(data.slab_indices(10, 2.0, slices=50, slab_mm=None), np.arange(10))
-    np.testing.assert_array_equal(data.slab_indices(10, 2.0, slices=None, slab_mm=0.1), [4])
-    np.testing.assert_array_equal(data.slab_indices(9, 1.0, slices=3, slab_mm=None), [3, 4, 5])
-    for slices, slab_mm in [(None, None), (4, 8.0)]:
-        with pytest.raises(UserError, match="--slices.*--slab_mm"):
-            data.slab_indices(10, 2.0, slices, slab_mm)
-    with pytest.raises(UserError):
-        data.slab_indices(10, 2.0, slices=0, slab_mm=None)
+def test_slab_indices_clipping():
+    np.testing.assert_array_equal(geometry.slab_indices(10, 2.0, slices=50, slab_mm=None), np.arange(10))
+    np.testing.assert_array_equal(geometry.slab_indices(10, 2.0, slices=None, slab_mm=0.1), [4])
+    np.testing.assert_array_equal(geometry.slab_indices(9, 1.0, slices=3, slab_mm=None), [3, 4, 5])
 
 
 @pytest.mark.parametrize("plane, expected_count", [("axial", 5), ("sagittal", 5), ("coronal", 5)])
 def test_extract_slices_shape_range_and_normalisation(plane, expected_count):
     rng = np.random.default_rng(1)
     volume = rng.normal(100.0, 30.0, size=(20, 24, 18)).astype(np.float32)
-    out = data.extract_slices(volume, (1.0, 1.2, 1.5), plane, 32, slices=expected_count)
+    out = clean_slices(volume, (1.0, 1.2, 1.5), plane, 32, expected_count)
     assert out.shape == (expected_count, 32, 32) and out.dtype == np.float32
     np.testing.assert_allclose(out.min(axis=(1, 2)), 0.0, atol=1e-6)
     np.testing.assert_allclose(out.max(axis=(1, 2)), 1.0, atol=1e-6)
@@ -196,7 +174,7 @@ def test_extract_slices_shape_range_and_normalisation(plane, expected_count):
 def test_extract_slices_constant_slice_becomes_zeros():
     volume = np.random.default_rng(2).random((12, 12, 9)).astype(np.float32) * 50
     volume[:, :, 4] = 7.0  # the central axial slice
-    out = data.extract_slices(volume, (1.0, 1.0, 1.0), "axial", 16, slices=3)
+    out = clean_slices(volume, (1.0, 1.0, 1.0), "axial", 16, 3)
     assert np.all(out[1] == 0.0)
     assert out[0].max() == pytest.approx(1.0) and out[2].max() == pytest.approx(1.0)
 
@@ -208,7 +186,7 @@ def test_extract_slices_keeps_physical_aspect_with_anisotropic_voxels():
     y = (np.arange(shape[1]) - (shape[1] - 1) / 2) * zooms[1]
     disc = (x[:, None] ** 2 + y[None, :] ** 2 <= radius_mm ** 2).astype(np.float32)
     volume = np.repeat(disc[:, :, None], shape[2], axis=2)
-    image = data.extract_slices(volume, zooms, "axial", 64, slices=1)[0] > 0.5
+    image = clean_slices(volume, zooms, "axial", 64, 1)[0] > 0.5
     rows = np.flatnonzero(image.any(axis=1))
     cols = np.flatnonzero(image.any(axis=0))
     expected = 2 * radius_mm / (shape[1] * zooms[1]) * 64  # the longer side (120 mm) spans the image
@@ -217,12 +195,39 @@ def test_extract_slices_keeps_physical_aspect_with_anisotropic_voxels():
     assert abs((rows[0] + rows[-1]) / 2 - 31.5) <= 1 and abs((cols[0] + cols[-1]) / 2 - 31.5) <= 1
 
 
-def test_extract_slices_rejects_bad_arguments():
+def test_bad_plane_and_image_size_are_refused():
     volume = np.zeros((8, 8, 8), np.float32)
     with pytest.raises(UserError, match="plane"):
-        data.extract_slices(volume, (1, 1, 1), "transverse", 16, slices=1)
-    with pytest.raises(UserError, match="image_size"):
-        data.extract_slices(volume, (1, 1, 1), "axial", 4, slices=1)
+        clean_slices(volume, (1, 1, 1), "transverse", 16, 1)
+    with pytest.raises(UserError, match="--image_size must be at least 8"):
+        clean_slices(volume, (1, 1, 1), "axial", 4, 1)
+
+
+def test_a_slice_already_on_the_model_grid_passes_through_untouched():
+    """Anisotropic pixels are not padded or resized when the slice already has the model's size."""
+    rng = np.random.default_rng(3)
+    volume = rng.random((16, 16, 3)).astype(np.float32)
+    slices, layout = geometry.volume_slices(volume, (2.8, 3.75, 2.0), "axial", 16)
+    np.testing.assert_array_equal(slices, geometry.to_display(np.moveaxis(volume, 2, 0)))
+    assert layout.padded_shape == (16, 16) and layout.pad_before == (0, 0)
+    affine = geometry.model_grid_affine(layout, np.diag([2.8, 3.75, 2.0, 1.0]))
+    np.testing.assert_allclose(np.abs(np.diag(affine)[:3]), (2.8, 3.75, 2.0))
+
+
+def test_input_normalisation_ignores_units_and_outliers():
+    """The model input is the same for a slice in any units, and a few bright pixels barely move it."""
+    rng = np.random.default_rng(4)
+    image = rng.random((2, 32, 32, 1)).astype(np.float32)
+    base, offset, scale = normalise.normalise_input(jnp.asarray(image))
+    scaled, _, _ = normalise.normalise_input(jnp.asarray(250.0 * image + 40.0))
+    np.testing.assert_allclose(scaled, base, atol=1e-4)
+    spiked = image.copy()
+    spiked[:, :3, :3] = 5.0  # 9 of 1024 pixels, far above the rest
+    moved, _, _ = normalise.normalise_input(jnp.asarray(spiked))
+    assert float(jnp.abs(moved - base)[:, 3:, 3:].max()) < 0.05
+    np.testing.assert_allclose(normalise.denormalise(base, offset, scale), image, atol=1e-5)
+    constant, _, unit = normalise.normalise_input(jnp.full((1, 8, 8, 1), 3.0))
+    assert float(jnp.abs(constant).max()) == 0.0 and float(unit[0, 0, 0, 0]) == 1.0
 
 
 # --- subjects -----------------------------------------------------------------------------------------
@@ -230,23 +235,20 @@ def test_extract_slices_rejects_bad_arguments():
 
 def test_split_subjects():
     ids = [f"S{i:02d}" for i in range(20)] + ["S03", "S07"]  # duplicates count once
-    train, val = data.split_subjects(ids, 0.25, seed=0)
+    train, val = dataset.split_subjects(ids, 0.25, seed=0)
     assert len(val) == 5 and len(train) == 15
     assert not set(train) & set(val) and set(train) | set(val) == set(ids)
-    assert (train, val) == data.split_subjects(list(reversed(ids)), 0.25, seed=0)
-    assert data.split_subjects(ids, 0.25, seed=1)[1] != val
-    small_train, small_val = data.split_subjects(ids, 0.25, seed=0, max_subjects=8)
+    assert (train, val) == dataset.split_subjects(list(reversed(ids)), 0.25, seed=0)
+    assert dataset.split_subjects(ids, 0.25, seed=1)[1] != val
+    small_train, small_val = dataset.split_subjects(ids, 0.25, seed=0, max_subjects=8)
     assert len(small_train) == 6 and len(small_val) == 2 and not set(small_train) & set(small_val)
-    assert data.split_subjects(["a", "b"], 0.9, seed=0) in ((["a"], ["b"]), (["b"], ["a"]))
+    assert dataset.split_subjects(["a", "b"], 0.9, seed=0) in ((["a"], ["b"]), (["b"], ["a"]))
 
 
-@pytest.mark.parametrize("ids, fraction, max_subjects", [
-    (["only"], 0.2, None), (["a", "a"], 0.2, None), (["a", "b", "c"], 0.0, None),
-    (["a", "b", "c"], 1.0, None), (["a", "b", "c"], 0.2, 1),
-])
-def test_split_subjects_errors(ids, fraction, max_subjects):
-    with pytest.raises(UserError):
-        data.split_subjects(ids, fraction, seed=0, max_subjects=max_subjects)
+@pytest.mark.parametrize("ids", [["only"], ["a", "a"]])
+def test_split_subjects_needs_two_subjects(ids):
+    with pytest.raises(UserError, match="at least 2 subjects"):
+        dataset.split_subjects(ids, 0.2, seed=0)
 
 
 # --- load_dataset on synthetic files ------------------------------------------------------------------
@@ -256,7 +258,7 @@ def test_load_dataset_keeps_a_subjects_files_together(tmp_path):
     names = ["IXI001-HH-1_T1.nii.gz", "IXI001-HH-2-T1.nii.gz"] + [f"IXI{i:03d}-HH-1_T1.nii.gz" for i in range(2, 8)]
     root = synthetic_data_dir(tmp_path / "vols", names)
     for seed in range(4):
-        ds = data.load_dataset(small_config(root, tmp_path / "cache", seed=seed, val_fraction=0.3))
+        ds = dataset.load_dataset(small_config(root, tmp_path / "cache", seed=seed, val_fraction=0.3))
         assert set(ds.train_subjects).isdisjoint(ds.val_subjects)
         assert len(ds.train_subjects) + len(ds.val_subjects) == 7 and len(ds.val_subjects) == 2
         side, owner = ((ds.train_subjects, ds.train_slice_subject) if "IXI001" in ds.train_subjects
@@ -268,24 +270,21 @@ def test_load_dataset_cache_invalidation_and_errors(tmp_path):
     root = synthetic_data_dir(tmp_path / "vols", [f"s{i}.nii.gz" for i in range(4)])
     cache = tmp_path / "cache"
     cfg = small_config(root, cache)
-    first = data.load_dataset(cfg)
+    first = dataset.load_dataset(cfg)
     assert not first.cache_hit and Path(first.cache_path).parent == cache
-    assert data.load_dataset(cfg).cache_hit
-    assert not data.load_dataset(cfg.replace(image_size=24)).cache_hit
-    assert not data.load_dataset(cfg.replace(seed=5)).cache_hit
+    assert dataset.load_dataset(cfg).cache_hit
+    assert not dataset.load_dataset(cfg.replace(image_size=24)).cache_hit
+    assert not dataset.load_dataset(cfg.replace(seed=5)).cache_hit
     os.utime(root / "s2.nii.gz", ns=(1, 1))  # an input file changed
-    changed = data.load_dataset(cfg)
+    changed = dataset.load_dataset(cfg)
     assert not changed.cache_hit and changed.cache_path != first.cache_path
     Path(changed.cache_path).write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="unreadable"):
-        rebuilt = data.load_dataset(cfg)
-    assert not rebuilt.cache_hit and data.load_dataset(cfg).cache_hit
-    for bad in [dict(plane="oblique"), dict(image_size=4), dict(slab_mm=20.0), dict(slices=None)]:
-        with pytest.raises(UserError):
-            data.load_dataset(cfg.replace(**bad))
-    with pytest.raises(UserError, match="--slices.*--slab_mm"):
-        data.load_dataset(cfg.replace(slab_mm=20.0))
-    slab = data.load_dataset(cfg.replace(slices=None, slab_mm=8.0))  # 8 mm at 2 mm voxels: 4 slices
+        rebuilt = dataset.load_dataset(cfg)
+    assert not rebuilt.cache_hit and dataset.load_dataset(cfg).cache_hit
+    with pytest.raises(UserError, match="plane"):
+        dataset.load_dataset(cfg.replace(plane="oblique"))
+    slab = dataset.load_dataset(cfg.replace(slices=None, slab_mm=8.0))  # 8 mm at 2 mm voxels: 4 slices
     assert len(slab.train) + len(slab.val) == 4 * 4
 
 
@@ -294,22 +293,23 @@ def test_load_dataset_without_a_writable_cache(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.warns(UserWarning, match="without it"):
-        ds = data.load_dataset(small_config(root, not_a_dir))
+        ds = dataset.load_dataset(small_config(root, not_a_dir))
     assert ds.cache_path is None and not ds.cache_hit and len(ds.train) == 2 * 4
     before = sorted(p.name for p in root.iterdir())
     with pytest.warns(UserWarning, match="inside the data directory"):
-        inside = data.load_dataset(small_config(root, root / "cache"))
+        inside = dataset.load_dataset(small_config(root, root / "cache"))
     assert inside.cache_path is None and sorted(p.name for p in root.iterdir()) == before
 
 
 # --- real data ----------------------------------------------------------------------------------------
 
 
+@needs_ixi
 def test_load_dataset_real_subset_and_cache(tmp_path):
-    subset = real_subset(tmp_path)
+    subset = symlink_subset(IXI_DIR, tmp_path / "ixi-subset", 8)
     before = sorted((p.name, p.lstat().st_mtime_ns) for p in subset.iterdir())
     cfg = small_config(subset, tmp_path / "cache", image_size=32, slices=6)
-    cold = data.load_dataset(cfg)
+    cold = dataset.load_dataset(cfg)
     assert not cold.cache_hit and Path(cold.cache_path).is_file()
     assert Path(cold.cache_path).parent == tmp_path / "cache"
     assert len(cold.train_subjects) == 6 and len(cold.val_subjects) == 2
@@ -324,14 +324,14 @@ def test_load_dataset_real_subset_and_cache(tmp_path):
     # Real anatomy: every slice of the central axial slab shows a head (background around it is dark).
     assert np.all(cold.train[:, 8:24, 8:24].mean(axis=(1, 2, 3)) > 0.1)
 
-    warm = data.load_dataset(cfg)
+    warm = dataset.load_dataset(cfg)
     assert warm.cache_hit and warm.cache_path == cold.cache_path and warm.source == cold.source
     assert (warm.train_subjects, warm.val_subjects) == (cold.train_subjects, cold.val_subjects)
     for name in ["train", "val", "train_slice_subject", "val_slice_subject"]:
         np.testing.assert_array_equal(getattr(warm, name), getattr(cold, name))
     assert sorted((p.name, p.lstat().st_mtime_ns) for p in subset.iterdir()) == before
 
-    resized = data.load_dataset(cfg.replace(image_size=24))
+    resized = dataset.load_dataset(cfg.replace(image_size=24))
     assert not resized.cache_hit and resized.train.shape == (36, 24, 24, 1)
 
 
@@ -339,27 +339,27 @@ def test_load_dataset_real_subset_and_cache(tmp_path):
 
 
 def test_demo_volumes_are_distinct_pseudo_subjects():
-    volumes, description = data.demo_volumes(n_subjects=3, seed=0)
+    subjects, description = demo.demo_volumes(n_subjects=3, seed=0)
     assert description.startswith("DEMO") and "not real subjects" in description
-    ids = [s for s, _, _ in volumes]
+    ids = [s for s, _, _ in subjects]
     assert len(set(ids)) == 3 and all(s.startswith("DEMO-") for s in ids)
-    arrays = [v for _, v, _ in volumes]
+    arrays = [v for _, v, _ in subjects]
     assert all(v.ndim == 3 and v.dtype == np.float32 and np.isfinite(v).all() and v.max() > 0 for v in arrays)
     assert not np.allclose(arrays[0], arrays[1])
-    again, _ = data.demo_volumes(n_subjects=3, seed=0)
+    again, _ = demo.demo_volumes(n_subjects=3, seed=0)
     np.testing.assert_array_equal(again[2][1], arrays[2])
 
 
 def test_demo_phantom_fallback(monkeypatch):
-    monkeypatch.setattr(data, "_mni_template_path", lambda: None)
-    volumes, description = data.demo_volumes(n_subjects=2)
+    monkeypatch.setattr(demo, "mni_template_path", lambda: None)
+    subjects, description = demo.demo_volumes(n_subjects=2)
     assert description.startswith("DEMO: synthetic ellipsoid phantom (nilearn not installed)")
-    assert [s for s, _, _ in volumes] == ["DEMO-PHANTOM-00", "DEMO-PHANTOM-01"]
-    assert all(np.isfinite(v).all() and v.max() > 0 and zooms == (2.0, 2.0, 2.0) for _, v, zooms in volumes)
+    assert [s for s, _, _ in subjects] == ["DEMO-PHANTOM-00", "DEMO-PHANTOM-01"]
+    assert all(np.isfinite(v).all() and v.max() > 0 and zooms == (2.0, 2.0, 2.0) for _, v, zooms in subjects)
 
 
 def test_load_dataset_demo(tmp_path):
-    ds = data.load_dataset(small_config(None, tmp_path, image_size=32))
+    ds = dataset.load_dataset(small_config(None, tmp_path, image_size=32))
     assert ds.source.startswith("DEMO")
     assert len(ds.train_subjects) >= 1 and len(ds.val_subjects) >= 1
     assert len(ds.train_subjects) + len(ds.val_subjects) >= 2
@@ -367,11 +367,11 @@ def test_load_dataset_demo(tmp_path):
     assert ds.train.shape[1:] == (32, 32, 1) and len(ds.train) == 4 * len(ds.train_subjects)
     assert np.isfinite(ds.train).all() and ds.train.max() == 1.0
     assert ds.train.mean() > 0.05  # anatomy, not empty slices
-    assert data.load_dataset(small_config(None, tmp_path, image_size=32)).cache_hit
+    assert dataset.load_dataset(small_config(None, tmp_path, image_size=32)).cache_hit
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     root = synthetic_data_dir(tmp_path / "vols", ["a.nii.gz", "b.nii.gz"])
-    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "env-cache"))
-    ds = data.load_dataset(small_config(root, tmp_path).replace(cache_dir=None))
+    monkeypatch.setenv(dataset.CACHE_DIR_ENV, str(tmp_path / "env-cache"))
+    ds = dataset.load_dataset(small_config(root, tmp_path).replace(cache_dir=None))
     assert Path(ds.cache_path).parent == tmp_path / "env-cache"

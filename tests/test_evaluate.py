@@ -9,11 +9,12 @@ import pytest
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from mrirecon_jax import baselines, corruptions, data, evaluate, metrics, train
+from conftest import IXI_DIR, TINY_RUN, clean_slices, needs_ixi, symlink_subset
+from mrirecon_jax import baselines, corruptions, evaluate, metrics, train
 from mrirecon_jax.config import Config, UserError
-
-TINY_RUN = dict(model="tiny", image_size=32, slices=4, slab_mm=None, batch_size=8, epochs=2, max_steps=4,
-                learning_rate=3e-3, eval_batch_size=16, corruptions="augmented")
+from mrirecon_jax.data import dataset, volumes
+from mrirecon_jax.data.prepare import prepare_volume
+from mrirecon_jax.workdir import RUN_POLICY
 
 
 def listing_4_3(test_original, pred, img_size):
@@ -36,9 +37,9 @@ def _smooth_slices(n, size=32, seed=0):
     return images[..., None].astype(np.float32)
 
 
-def _real_slices(ixi_dir, n=4, size=64):
-    volume, zooms = data.load_volume(sorted(ixi_dir.glob("*.nii.gz"))[0])
-    return data.extract_slices(volume, zooms, "axial", size, slices=n)[..., None]
+def _real_slices(n=4, size=64):
+    volume, zooms = volumes.load_volume(sorted(IXI_DIR.glob("*.nii.gz"))[0])
+    return clean_slices(volume, zooms, "axial", size, n)[..., None]
 
 
 def _assert_matches_listing(pred, target):
@@ -60,8 +61,9 @@ def test_thesis_variants_match_listing_4_3_on_random_slices():
     assert np.all(out["mse_slice"] < 0.5 * np.asarray(standard["mse_slice"]))
 
 
-def test_thesis_variants_match_listing_4_3_on_real_slices(ixi_dir):
-    target = _real_slices(ixi_dir)
+@needs_ixi
+def test_thesis_variants_match_listing_4_3_on_real_slices():
+    target = _real_slices()
     pred = np.clip(ndimage.gaussian_filter(target, sigma=(0, 1, 1, 0)), 0, 1).astype(np.float32)
     out = _assert_matches_listing(pred, target)
     assert 0.5 < out["ssim_slice"].min() < 1.0
@@ -113,8 +115,9 @@ def _mean_ssim(images, clean):
     return float(jnp.mean(metrics.ssim(jnp.asarray(images), jnp.asarray(clean))))
 
 
-def test_biharmonic_baseline_fills_the_patch_and_leaves_the_rest(ixi_dir):
-    clean = _real_slices(ixi_dir, n=3)
+@needs_ixi
+def test_biharmonic_baseline_fills_the_patch_and_leaves_the_rest():
+    clean = _real_slices(n=3)
     patched, masks = _patch(clean)
     out = baselines.baseline_outputs(patched, masks, [None] * len(clean))
     outside, inside = masks == 0, masks > 0
@@ -128,14 +131,16 @@ def _restore(kind, images):
     return baselines.baseline_outputs(images, np.zeros_like(images), [kind] * len(images))["classical"]
 
 
-def test_bicubic_from_the_reduced_grid_beats_the_downsampled_input(ixi_dir):
-    clean = _real_slices(ixi_dir, n=3)
+@needs_ixi
+def test_bicubic_from_the_reduced_grid_beats_the_downsampled_input():
+    clean = _real_slices(n=3)
     corrupted = _corrupt(corruptions.CORRUPTIONS["downsample"], clean)
     assert _mean_ssim(_restore("downsample", corrupted), clean) > _mean_ssim(corrupted, clean) + 0.02
 
 
-def test_gibbs_unringing_damps_ringing_and_keeps_a_smooth_slice(ixi_dir):
-    clean = _real_slices(ixi_dir, n=3)
+@needs_ixi
+def test_gibbs_unringing_damps_ringing_and_keeps_a_smooth_slice():
+    clean = _real_slices(n=3)
     ringing = _corrupt(corruptions.CORRUPTIONS["gibbs"], clean)
 
     def total_variation(x):
@@ -154,7 +159,7 @@ FIXTURE_KINDS = ("downsample", "gibbs")  # every kind costs a compilation of the
 
 def test_every_catalogue_kind_is_evaluated_by_default():
     policies = evaluate.evaluation_policies("patch+oneof(downsample,ghost)")
-    assert policies == {"original": "patch+oneof(downsample,ghost)",
+    assert policies == {RUN_POLICY: "patch+oneof(downsample,ghost)",
                         **{kind: f"patch+{kind}" for kind in corruptions.CORRUPTIONS}}
     for spec in policies.values():
         train.parse_policy(spec)  # each is a valid policy
@@ -163,23 +168,20 @@ def test_every_catalogue_kind_is_evaluated_by_default():
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """A tiny trained run on the demo source, evaluated twice at its best checkpoint."""
-    root = tmp_path_factory.mktemp("evaluate")
-    cfg = Config(**TINY_RUN, cache_dir=str(root / "cache"))
-    train.train_and_evaluate(cfg, root / "run")
-    first = evaluate.evaluate_run(root / "run", "best", kinds=FIXTURE_KINDS)
-    first_text = (root / "run" / "eval" / "metrics.json").read_text()
-    second = evaluate.evaluate_run(root / "run", "best", kinds=FIXTURE_KINDS)
-    return root, first, first_text, second
+def evaluated(tiny_run):
+    """The session's tiny run, evaluated twice at its best checkpoint."""
+    first = evaluate.evaluate_run(tiny_run, "best", kinds=FIXTURE_KINDS)
+    first_text = (tiny_run / "eval" / "metrics.json").read_text()
+    second = evaluate.evaluate_run(tiny_run, "best", kinds=FIXTURE_KINDS)
+    return tiny_run, first, first_text, second
 
 
 def test_evaluation_is_deterministic_with_every_metric_for_model_and_baselines(evaluated):
-    root, first, first_text, second = evaluated
+    run, first, first_text, second = evaluated
     assert first == second
-    assert (root / "run" / "eval" / "metrics.json").read_text() == first_text
+    assert (run / "eval" / "metrics.json").read_text() == first_text
     kinds = first["kinds"]
-    assert list(kinds) == ["original", *FIXTURE_KINDS, "overall"]
+    assert list(kinds) == [RUN_POLICY, *FIXTURE_KINDS, "overall"]
     for name in FIXTURE_KINDS:
         assert kinds[name]["policy"] == f"patch+{name}"
     for entry in kinds.values():
@@ -195,10 +197,10 @@ def test_evaluation_is_deterministic_with_every_metric_for_model_and_baselines(e
 
 def test_model_and_input_baseline_see_the_training_validation_inputs(evaluated):
     """The run's own policy at the best step reproduces what training logged for it: same keys, same slices."""
-    root, first, _, _ = evaluated
-    records = {r["step"]: r for r in map(json.loads, (root / "run" / "metrics.jsonl").read_text().splitlines())}
+    run, first, _, _ = evaluated
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     logged = records[first["checkpoint_step"]]
-    own = first["kinds"]["original"]
+    own = first["kinds"][RUN_POLICY]
     assert own["n_slices"] == logged["n_val_slices"] == first["n_slices"]
     for name in metrics.SLICE_METRICS:
         assert own[name] == pytest.approx(logged[name], rel=1e-5)
@@ -206,32 +208,50 @@ def test_model_and_input_baseline_see_the_training_validation_inputs(evaluated):
 
 
 def test_figures_are_written(evaluated):
-    root, first, _, _ = evaluated
-    names = ["ssim_per_epoch", "ssim_change", "ssim_vs_time", "samples_original",
+    run, first, _, _ = evaluated
+    names = ["ssim_per_epoch", "ssim_change", "ssim_vs_time", f"samples_{RUN_POLICY}",
              *[f"samples_{k}" for k in FIXTURE_KINDS]]
     for name in names:
-        assert (root / "run" / "eval" / f"{name}.png").stat().st_size > 10_000, name
+        assert (run / "eval" / f"{name}.png").stat().st_size > 10_000, name
 
 
-def test_unseen_data_is_every_subject_prepared_like_the_run(evaluated, ixi_dir, tmp_path):
-    root, _, _, _ = evaluated
-    unseen = tmp_path / "unseen"
-    unseen.mkdir()
-    volumes = sorted(ixi_dir.glob("*.nii.gz"))[:2]
-    for path in volumes:
-        (unseen / path.name).symlink_to(path)
-    result = evaluate.evaluate_run(root / "run", "last", data_dir=str(unseen), cache_dir=str(tmp_path / "cache"),
-                                   kinds=())
+@needs_ixi
+def test_unseen_data_is_every_subject_prepared_like_the_run(evaluated, tmp_path):
+    run, _, _, _ = evaluated
+    unseen = symlink_subset(IXI_DIR, tmp_path / "unseen", 2)
+    result = evaluate.evaluate_run(run, "last", data_dir=str(unseen), cache_dir=str(tmp_path / "cache"), kinds=())
     assert result["n_subjects"] == 2 and result["n_slices"] == 2 * TINY_RUN["slices"]
-    assert result["checkpoint"] == "last" and "unseen" in result["subjects"] and list(result["kinds"]) == ["original"]
+    assert result["checkpoint"] == "last" and "unseen" in result["subjects"] and list(result["kinds"]) == [RUN_POLICY]
     cfg = Config(**TINY_RUN, cache_dir=str(tmp_path / "cache"))
-    dataset = data.load_unseen_subjects(cfg, str(unseen))
-    assert dataset.cache_hit and len(dataset.train) == 0
-    assert dataset.val_subjects == tuple(data.subject_id(p) for p in volumes)
-    expected = np.concatenate([data.extract_slices(*data.load_volume(p), "axial", 32, slices=4) for p in volumes])
-    np.testing.assert_array_equal(dataset.val[..., 0], expected)
+    unseen_data = dataset.load_unseen_subjects(cfg, str(unseen))
+    assert unseen_data.cache_hit and len(unseen_data.train) == 0
+    paths = sorted(unseen.iterdir())
+    assert unseen_data.val_subjects == tuple(volumes.subject_id(p) for p in paths)
+    expected = np.concatenate([clean_slices(*volumes.load_volume(p), "axial", 32, 4) for p in paths])
+    np.testing.assert_array_equal(unseen_data.val[..., 0], expected)
+
+
+@needs_ixi
+def test_a_skull_stripped_run_evaluates_on_skull_stripped_slices(tmp_path):
+    """Evaluation on unseen subjects prepares them as the run was trained: skull stripping included."""
+    folder = symlink_subset(IXI_DIR, tmp_path / "ixi", 3)
+    cfg = Config(**{**TINY_RUN, "max_steps": 1}, data_dir=str(folder), cache_dir=str(tmp_path / "cache"),
+                 skull_strip=True, val_fraction=0.34)
+    train.train_and_evaluate(cfg, tmp_path / "run")
+    unseen = symlink_subset(IXI_DIR, tmp_path / "unseen", 1, start=3)
+    evaluated_data, _ = evaluate.evaluation_data(Config.from_json((tmp_path / "run" / "config.json").read_text()),
+                                                 str(unseen))
+    path = next(unseen.iterdir())
+    stripped = prepare_volume(*volumes.load_volume(path), cfg, with_brain=True)
+    np.testing.assert_array_equal(evaluated_data.val, stripped.clean())
+    outside = ~ndimage.binary_dilation(stripped.brain, np.ones((1, 3, 3), bool))  # beyond the partial volumes
+    assert (evaluated_data.val[..., 0][outside] > 0.05).mean() < 0.01
+    plain = clean_slices(*volumes.load_volume(path), "axial", 32, 4)
+    assert (plain[outside] > 0.05).mean() > 0.2  # with the skull, much is bright there
+    result = evaluate.evaluate_run(tmp_path / "run", data_dir=str(unseen), kinds=())
+    assert result["n_slices"] == 4 and result["kinds"][RUN_POLICY]["n_subjects"] == 1
 
 
 def test_evaluating_a_folder_without_a_run_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="holds no run"):
         evaluate.evaluate_run(tmp_path)

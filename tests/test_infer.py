@@ -8,16 +8,18 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage
 
-from mrirecon_jax import corruptions, data, infer, metrics, train
+from conftest import GLIOMA_DIR, IXI_DIR, ROOT, clean_slices, needs_glioma, needs_ixi, symlink_subset
+from mrirecon_jax import corruptions, infer, metrics, train
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.data import brain, dataset, geometry, normalise, volumes
+from mrirecon_jax.data.prepare import prepare_volume
 
-ROOT = Path(__file__).resolve().parents[1]
-GLIOMA = ROOT.parent / "shared" / "data" / "lesions" / "tcga-du-7294"
 
 
 def identity(image_size, plane="axial"):
@@ -40,16 +42,19 @@ def linear_volume(shape, zooms):
 
 
 @pytest.mark.parametrize("plane", ["axial", "sagittal", "coronal"])
-def test_volume_slices_prepare_the_slab_exactly_as_training(plane):
+def test_prepare_volume_is_the_slab_on_the_model_grid_and_its_clean_frame(plane):
     rng = np.random.default_rng(0)
     volume = rng.random((20, 26, 14)).astype(np.float32) * 300
     zooms = (1.5, 1.2, 2.5)
-    axis = data.PLANE_AXES[plane]
-    indices = data.slab_indices(volume.shape[axis], zooms[axis], 4, None)
-    slices, geometry = data.volume_slices(volume, zooms, plane, 16, indices)
-    np.testing.assert_allclose(slices, data.extract_slices(volume, zooms, plane, 16, slices=4), atol=1e-6)
-    raw, _ = data.volume_slices(volume, zooms, plane, 16, indices, normalise=False)
-    np.testing.assert_allclose(data.to_input_units(slices, geometry), raw, rtol=1e-5, atol=1e-3)
+    axis = geometry.PLANE_AXES[plane]
+    indices = geometry.slab_indices(volume.shape[axis], zooms[axis], 4, None)
+    prepared = prepare_volume(volume, zooms, Config(plane=plane, image_size=16, slices=4))
+    raw, layout = geometry.volume_slices(volume, zooms, plane, 16, indices)
+    np.testing.assert_array_equal(prepared.slices, raw)
+    np.testing.assert_array_equal(prepared.geometry.indices, layout.indices)
+    np.testing.assert_allclose(prepared.clean()[..., 0], normalise.minmax(raw))
+    whole = prepare_volume(volume, zooms, Config(plane=plane, image_size=16, slices=4), whole_volume=True)
+    assert len(whole.slices) == volume.shape[axis] and whole.brain is None
 
 
 def test_identity_model_lands_on_the_input_grid_without_resizing(tmp_path):
@@ -62,7 +67,8 @@ def test_identity_model_lands_on_the_input_grid_without_resizing(tmp_path):
 
     back = nib.load(tmp_path / "input.nii.gz")
     assert back.shape == volume.shape and np.allclose(back.affine, affine)
-    np.testing.assert_allclose(back.get_fdata(), volume, rtol=1e-5)
+    np.testing.assert_allclose(back.get_fdata(), volume, rtol=1e-4)
+    assert oct(source.stat().st_mode & 0o777) == oct((tmp_path / "input.nii.gz").stat().st_mode & 0o777)
     # On the model grid every input voxel sits on a model voxel (no resizing) that holds its value.
     model = nib.load(tmp_path / "model.nii.gz")
     assert model.shape == (32, 32, 6)
@@ -71,7 +77,7 @@ def test_identity_model_lands_on_the_input_grid_without_resizing(tmp_path):
     at = nib.affines.apply_affine(np.linalg.inv(model.affine), world)
     np.testing.assert_allclose(at, np.round(at), atol=1e-6)
     at = np.round(at).astype(int)
-    np.testing.assert_allclose(model.get_fdata()[tuple(at.T)], volume[tuple(index.T)], rtol=1e-5)
+    np.testing.assert_allclose(model.get_fdata()[tuple(at.T)], volume[tuple(index.T)], rtol=1e-4)
     assert sorted(set(at[:, 1])) == list(range(2, 30))  # the 4 padding rows split 2 / 2
 
 
@@ -109,7 +115,7 @@ def test_ras_lps_and_psr_inputs_agree_in_world_space(tmp_path):
     for codes in ("LPS", "PSR"):
         for produced, reference in zip(outputs[codes], outputs["RAS"]):
             assert np.allclose(produced.affine, reference.affine)
-            np.testing.assert_allclose(produced.get_fdata(), reference.get_fdata(), rtol=1e-5)
+            np.testing.assert_allclose(produced.get_fdata(), reference.get_fdata(), rtol=1e-4)
 
 
 def test_corrupted_input_is_written_beside_the_output(tmp_path):
@@ -119,7 +125,7 @@ def test_corrupted_input_is_written_beside_the_output(tmp_path):
     corrupted = tmp_path / "out_corrupted.nii.gz"
     assert summary["outputs"] == [str(tmp_path / "out.nii.gz"), str(corrupted)]
     out, given = nib.load(tmp_path / "out.nii.gz").get_fdata(), nib.load(corrupted).get_fdata()
-    np.testing.assert_allclose(out, given, rtol=1e-6)  # the identity model reconstructs the corrupted input
+    np.testing.assert_allclose(out, given, rtol=1e-5)  # the identity model reconstructs the corrupted input
     assert np.abs(given - volume).max() > 0.01 * np.ptp(volume)
 
 
@@ -213,36 +219,84 @@ def test_detection_scores_edge_cases():
     assert np.isnan(metrics.best_dice(np.arange(5.0), np.zeros(5))[0])
 
 
+# --- detection against oracles -------------------------------------------------------------------------
+
+
+def test_anomaly_map_signs_filter_and_brain():
+    inputs = np.zeros((1, 9, 9), np.float32)
+    inputs[0, 2:5, 2:5] = 1.0  # brighter than the reconstruction: hyper-intense
+    inputs[0, 5:8, 5:8] = -1.0  # darker: hypo-intense
+    inputs[0, 0, 8] = 5.0  # one pixel alone: the median filter removes it
+    reconstruction = np.zeros_like(inputs)
+    brain = np.ones_like(inputs, bool)
+    brain[0, 3, 3] = False
+    pos, neg, both = (infer.anomaly_map(inputs, reconstruction, brain, r) for r in ("pos", "neg", "abs"))
+    assert pos[0, 3, 4] == 1.0 and pos[0, 6, 6] == 0.0 and neg[0, 6, 6] == 1.0 and neg[0, 3, 4] == 0.0
+    assert both[0, 3, 4] == 1.0 and both[0, 6, 6] == 1.0 and both[0, 1, 1] == 0.0
+    assert both[0, 3, 3] == 0.0 and both[0, 0, 8] == 0.0  # outside the brain; a lone pixel
+    with pytest.raises(UserError, match="--residual"):
+        infer.anomaly_map(inputs, reconstruction, brain, "square")
+
+
+def _oracle(cfg, cases):
+    """A Predictor that returns each anomalous slice's clean original, in the frame of its normalised input."""
+    anomalous = np.concatenate([cases.anomalous[k] for k in infer.ANOMALY_KINDS])[..., None]
+    clean = np.concatenate([cases.clean] * len(infer.ANOMALY_KINDS))[..., None]
+    table, offset, scale = (np.asarray(a) for a in normalise.normalise_input(jnp.asarray(anomalous)))
+    answers = (clean - offset) / scale
+
+    def apply(x):
+        x = np.asarray(x)
+        match = np.argmin(((x[:, None] - table[None]) ** 2).sum(axis=(2, 3, 4)), axis=1)
+        return jnp.asarray(answers[match])
+
+    return infer.Predictor(cfg=cfg, apply=apply)
+
+
+def test_detection_scores_against_a_perfect_and_a_blind_predictor(cache_dir):
+    cfg = Config(image_size=32, slices=4, eval_batch_size=16, cache_dir=str(cache_dir))
+    readers, _, _ = dataset.volume_readers(None)
+    cases = infer.synthetic_cases(cfg, readers[:8], seed=0)  # 32 anomalies of each kind
+    perfect, _ = infer.score_cases(_oracle(cfg, cases), cases)
+    assert perfect["kinds"]["blob"]["auroc"] > 0.95 and perfect["kinds"]["blob"]["best_dice"] > 0.5
+    assert perfect["kinds"]["patch"]["auroc"] > 0.9  # the median filter erases the thinnest lines
+    rng = np.random.default_rng(0)
+    blind = infer.Predictor(cfg=cfg, apply=lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(np.float32))
+    noise, _ = infer.score_cases(blind, cases)
+    for kind in infer.ANOMALY_KINDS:
+        assert abs(noise["kinds"][kind]["auroc"] - 0.5) < 0.08, noise["kinds"][kind]  # chance, +- 3 sd
+    assert noise["kinds"]["blob"]["best_dice"] < 0.5 * perfect["kinds"]["blob"]["best_dice"]
+    assert set(perfect["per_subject"]) == set(cases.subjects)
+
+
 # --- brain masks on real data --------------------------------------------------------------------------
 
 
-def test_brain_mask_of_skull_on_ixi_and_skull_stripped_glioma(ixi_dir):
-    volume, zooms = data.load_volume(sorted(ixi_dir.glob("*.nii.gz"))[0])
-    mask = data.brain_mask(volume, zooms)
+@needs_ixi
+def test_brain_mask_of_skull_on_ixi_and_skull_stripped_glioma():
+    volume, zooms = volumes.load_volume(sorted(IXI_DIR.glob("*.nii.gz"))[0])
+    mask = brain.brain_mask(volume, zooms)
     assert scipy.ndimage.label(mask)[1] == 1
     assert 900 < mask.sum() * np.prod(zooms) / 1000 < 2000  # an adult brain is 1.1-1.7 litres (with CSF inside)
     assert not any(np.take(mask, i, a).any() for a in range(3) for i in (0, -1))
-    if not GLIOMA.is_dir():
-        pytest.skip(f"glioma case not found at {GLIOMA}")
-    t1, zooms = data.load_volume(GLIOMA / "t1.nii.gz")
-    mask = data.brain_mask(t1, zooms)
+    if not GLIOMA_DIR.is_dir():
+        pytest.skip(f"glioma case not found at {GLIOMA_DIR}")
+    t1, zooms = volumes.load_volume(GLIOMA_DIR / "t1.nii.gz")
+    mask = brain.brain_mask(t1, zooms)
     assert mask[t1 != 0].mean() > 0.99 and mask.mean() < 0.2
-    lesion, _ = data.load_volume(GLIOMA / "lesion_mask.nii.gz")
+    lesion, _ = volumes.load_volume(GLIOMA_DIR / "lesion_mask.nii.gz")
     assert mask[lesion > 0].mean() > 0.99
 
 
-def test_skull_strip_runs_train_on_masked_slices_cached_apart(ixi_dir, tmp_path):
-    subset = tmp_path / "ixi"
-    subset.mkdir()
-    for path in sorted(ixi_dir.glob("*.nii.gz"))[:2]:
-        (subset / path.name).symlink_to(path)
+@needs_ixi
+def test_skull_strip_runs_train_on_masked_slices_cached_apart(tmp_path):
+    subset = symlink_subset(IXI_DIR, tmp_path / "ixi", 2)
     cfg = Config(data_dir=str(subset), cache_dir=str(tmp_path / "cache"), image_size=32, slices=4, slab_mm=None)
-    plain = data.load_dataset(cfg)
-    stripped = data.load_dataset(cfg.replace(skull_strip=True))
+    plain = dataset.load_dataset(cfg)
+    stripped = dataset.load_dataset(cfg.replace(skull_strip=True))
     assert stripped.cache_path != plain.cache_path and not stripped.cache_hit
-    volume, zooms = data.load_volume(next(subset.glob(f"{stripped.val_subjects[0]}-*")))
-    expected = data.extract_slices(data.skull_strip(volume, data.brain_mask(volume, zooms)), zooms, "axial", 32,
-                                   slices=4)
+    volume, zooms = volumes.load_volume(next(subset.glob(f"{stripped.val_subjects[0]}-*")))
+    expected = clean_slices(brain.skull_strip(volume, brain.brain_mask(volume, zooms)), zooms, "axial", 32, 4)
     np.testing.assert_allclose(stripped.val[..., 0], expected, atol=1e-6)
     assert (stripped.val == 0).mean() > (plain.val == 0).mean() + 0.1  # scalp and skull are gone
 
@@ -251,18 +305,14 @@ def test_skull_strip_runs_train_on_masked_slices_cached_apart(ixi_dir, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def tiny_ixi_run(tmp_path_factory):
+def tiny_ixi_run(tmp_path_factory, cache_dir):
     """A tiny U-Net trained 3 steps on 6 real IXI subjects (2 held out), 32 px, 4 central axial slices."""
-    ixi = ROOT.parent / "shared" / "data" / "ixi-t1-2mm"
-    if not ixi.is_dir():
-        pytest.skip(f"shared IXI data not found at {ixi}")
+    if not IXI_DIR.is_dir():
+        pytest.skip(f"shared IXI data not found at {IXI_DIR}")
     root = tmp_path_factory.mktemp("tiny")
-    subset = root / "ixi"
-    subset.mkdir()
-    for path in sorted(ixi.glob("*.nii.gz"))[:6]:
-        (subset / path.name).symlink_to(path)
+    subset = symlink_subset(IXI_DIR, root / "ixi", 6)
     cfg = Config(model="tiny", image_size=32, slices=4, slab_mm=None, max_steps=3, batch_size=8, val_fraction=0.34,
-                 data_dir=str(subset), cache_dir=str(root / "cache"), corruptions="augmented")
+                 data_dir=str(subset), cache_dir=str(cache_dir), corruptions="augmented")
     train.train_and_evaluate(cfg, root / "run")
     return root / "run"
 
@@ -284,12 +334,12 @@ def test_detect_eval_then_detect_on_the_glioma_case(tiny_ixi_run, tmp_path):
     assert results["overall"]["auroc"] == pytest.approx(overall["auroc"])
     assert (tiny_ixi_run / "detect" / "cases.png").stat().st_size > 10_000
 
-    if not GLIOMA.is_dir():
-        pytest.skip(f"glioma case not found at {GLIOMA}")
+    if not GLIOMA_DIR.is_dir():
+        pytest.skip(f"glioma case not found at {GLIOMA_DIR}")
     anomaly = tmp_path / "map.nii.gz"
     result = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "--mode=detect", f"--workdir={tiny_ixi_run}",
-         f"--input={GLIOMA / 't1.nii.gz'}", f"--lesion_mask={GLIOMA / 'lesion_mask.nii.gz'}", f"--output={anomaly}"],
+         f"--input={GLIOMA_DIR / 't1.nii.gz'}", f"--lesion_mask={GLIOMA_DIR / 'lesion_mask.nii.gz'}", f"--output={anomaly}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((tmp_path / "map.json").read_text())

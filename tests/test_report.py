@@ -7,19 +7,20 @@ import pytest
 
 from mrirecon_jax import evaluate, report, train
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.workdir import RUN_POLICY, Workdir
 
 TINY = dict(model="tiny", image_size=32, batch_size=8, epochs=1, max_steps=1, learning_rate=3e-3,
             eval_batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, cache_dir):
     """Two evaluated tiny runs: the thesis's 32 px 'original' setting (48 mm slab) and an augmented 4-slice one."""
     root = tmp_path_factory.mktemp("report")
     settings = {"thesis32": dict(slices=None, slab_mm=48.0, corruptions="original"),
                 "aug4": dict(slices=4, slab_mm=None, corruptions="augmented")}
     for (name, changes), kinds in zip(settings.items(), [("downsample",), ()]):  # each kind costs a compilation
-        train.train_and_evaluate(Config(**TINY, **changes, cache_dir=str(root / "cache")), root / name)
+        train.train_and_evaluate(Config(**TINY, **changes, cache_dir=str(cache_dir)), root / name)
         evaluate.evaluate_run(root / name, kinds=kinds)
     return root
 
@@ -33,8 +34,8 @@ def test_report_of_two_runs(two_runs, tmp_path):
     workdirs = [str(two_runs / "thesis32"), str(two_runs / "aug4")]
     assert report.write_report(workdirs, output) == output
     text = output.read_text()
-    evaluation = evaluate.read_evaluation(two_runs / "thesis32")
-    own = evaluation["kinds"]["original"]
+    evaluation = Workdir(two_runs / "thesis32").read_evaluation()
+    own = evaluation["kinds"][RUN_POLICY]
     model_row = _row(text, f"| **{workdirs[0]}** step {evaluation['checkpoint_step']}: model |").split(" | ")
     assert model_row[3:9] == [f"{own['ssim_slice']:.3f}", f"{own['ssim_patch']:.3f}", f"{own['psnr_slice']:.2f}",
                               f"{own['psnr_patch']:.2f}", f"{own['mse_slice']:.2g}", f"{own['mse_patch']:.2g}"]
@@ -45,7 +46,7 @@ def test_report_of_two_runs(two_runs, tmp_path):
     assert text.count("| thesis: no row for this setting |") == 1
     assert text.count("(best) |") == 2
     for run in ("thesis32", "aug4"):  # every kind, model against its best baseline
-        kinds = evaluate.read_evaluation(two_runs / run)["kinds"]
+        kinds = Workdir(two_runs / run).read_evaluation()["kinds"]
         for kind, entry in kinds.items():
             best = entry["best_baseline"]
             row = _row(text, f"| {two_runs / run} | {kind} |")
@@ -67,7 +68,7 @@ def test_report_never_overwrites_another_file(two_runs, tmp_path):
 def test_report_needs_an_evaluated_run(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / "config.json").write_text(Config().to_json())
+    Workdir(workdir).record_config(Config())
     with pytest.raises(UserError, match="--mode=evaluate"):
         report.write_report([str(workdir)], tmp_path / "REPORT.md")
     assert not (tmp_path / "REPORT.md").exists()

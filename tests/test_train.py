@@ -1,4 +1,8 @@
 import json
+import os
+import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +12,7 @@ from scipy import ndimage
 
 from mrirecon_jax import train
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.workdir import Workdir
 
 SMALL_RUN = dict(model="tiny", image_size=32, slices=4, slab_mm=None, batch_size=8, epochs=3,
                  learning_rate=3e-3, eval_batch_size=16, corruptions="augmented")
@@ -25,18 +30,21 @@ def _brain_like(n, size=32, seed=0):
 
 
 def _steps(cfg):
+    """(train step, eval step, state, mesh) of a config."""
     mesh = train.make_mesh()
-    graphdef, tx, state = train.init_state(cfg, mesh)
-    return train.make_steps(cfg, graphdef, tx), state, mesh
+    graphdef, tx, state = train.init_train_state(cfg, mesh)
+    policy = train.parse_policy(cfg.corruptions)
+    return (train.make_train_step(cfg, graphdef, tx, policy), train.make_eval_step(graphdef, policy, cfg.seed),
+            state, mesh)
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
     cfg = Config(**{**SMALL_RUN, "corruptions": "original"})
-    steps, state, _ = _steps(cfg)
+    train_step, _, state, _ = _steps(cfg)
     batch = jnp.asarray(_brain_like(8))
     losses = []
     for _ in range(40):
-        state, loss = steps.train_step(state, batch)
+        state, loss = train_step(state, batch)
         losses.append(float(loss))
     assert int(state["step"]) == 40
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
@@ -44,12 +52,12 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_evaluation_is_deterministic_and_independent_of_batch_size():
     cfg = Config(**SMALL_RUN)
-    steps, state, mesh = _steps(cfg)
+    _, eval_step, state, mesh = _steps(cfg)
     images = _brain_like(20, seed=1)
     kinds = train.parse_policy(cfg.corruptions).kinds
-    first, _ = train.evaluate_slices(steps, state["params"], images, 16, mesh, kinds)
-    again, _ = train.evaluate_slices(steps, state["params"], images, 16, mesh, kinds)
-    other_batching, _ = train.evaluate_slices(steps, state["params"], images, 6, mesh, kinds)
+    first, _ = train.evaluate_slices(eval_step, state["params"], images, 16, mesh, kinds)
+    again, _ = train.evaluate_slices(eval_step, state["params"], images, 16, mesh, kinds)
+    other_batching, _ = train.evaluate_slices(eval_step, state["params"], images, 6, mesh, kinds)
     assert first == again
     for name in ("ssim_slice", "ssim_patch", "psnr_slice", "mse_patch", "input_ssim_slice"):
         assert other_batching[name] == pytest.approx(first[name], rel=1e-5)
@@ -58,12 +66,12 @@ def test_evaluation_is_deterministic_and_independent_of_batch_size():
 
 def test_collapsed_output_is_detected():
     cfg = Config(**{**SMALL_RUN, "output_activation": "relu"})
-    steps, state, mesh = _steps(cfg)
+    _, eval_step, state, mesh = _steps(cfg)
     dead = jax.tree.map(jnp.zeros_like, state["params"])
     dead["head"]["bias"].value = jnp.full((1,), -10.0)  # relu(input - 10) == 0: a constant output
-    summary, _ = train.evaluate_slices(steps, dead, _brain_like(8), 8, mesh)
-    assert summary["collapsed"] and summary["output_std"] == 0.0
-    alive, _ = train.evaluate_slices(steps, state["params"], _brain_like(8), 8, mesh)
+    summary, _ = train.evaluate_slices(eval_step, dead, _brain_like(8), 8, mesh)
+    assert summary["output_std"] < train.COLLAPSE_STD and summary["collapsed"]
+    alive, _ = train.evaluate_slices(eval_step, state["params"], _brain_like(8), 8, mesh)
     assert not alive["collapsed"]
 
 
@@ -108,9 +116,40 @@ def test_time_budget_stops_with_a_final_validation_and_checkpoint(tmp_path):
 
 def test_workdir_of_another_run_is_refused(tmp_path):
     cfg = Config(**SMALL_RUN)
-    train.prepare_workdir(cfg, tmp_path)
+    work = Workdir(tmp_path)
+    work.record_config(cfg)
     original = (tmp_path / "config.json").read_text()
     with pytest.raises(UserError, match="model"):
-        train.prepare_workdir(cfg.replace(model="small"), tmp_path)
+        work.record_config(cfg.replace(model="small"))
     assert (tmp_path / "config.json").read_text() == original
-    train.prepare_workdir(cfg.replace(epochs=9), tmp_path)  # a longer run of the same thing is a resume
+    work.record_config(cfg.replace(epochs=9))  # a longer run of the same thing is a resume
+    assert work.read_config().epochs == 9
+
+
+def test_sigterm_stops_with_a_checkpoint_and_a_final_record_and_restores_the_handler(tmp_path):
+    """SIGTERM during training: the loop finishes its step, validates and checkpoints there, and returns; the
+    handler that was installed before training is back afterwards."""
+    def previous(signum, frame):
+        raise AssertionError("the training loop's handler should have caught this signal")
+
+    workdir = tmp_path / "term"
+
+    def send_when_training():
+        deadline = time.monotonic() + 300
+        while not (workdir / "checkpoints" / "2").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        sender = threading.Thread(target=send_when_training, daemon=True)
+        sender.start()
+        record = _run(tmp_path, "term", max_steps=10_000, epochs=10_000, checkpoint_every_steps=2)
+        sender.join()
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert record["stopped_early"] and 2 <= record["step"] < 10_000
+    last = _records(tmp_path, "term")[-1]
+    assert last["step"] == record["step"]
+    assert str(record["step"]) in {p.name for p in (workdir / "checkpoints").iterdir()}

@@ -1,50 +1,16 @@
-"""Convolution (and pooling) back ends for the U-Net, chosen for speed on XLA's CPU path (numerics equal;
-tests/test_conv.py).
+"""Convolution and pooling back ends for the U-Net, chosen for speed on XLA's CPU path; their numerics equal XLA's
+own (tests/test_conv.py). Why each exists, with the measurements: docs/cpu-performance.md.
 
-Measured on the 2-core Xeon (jax 0.10.2; thesis U-Net train step, 64 px, batch 8, f32: 2.2 s with XLA's defaults;
-with all the choices below 7-9 % faster than PyTorch 2.13's step with its fused Adam, ``run.py --mode=benchmark
---peer=torch``; absolute times move with the load on this shared machine, 0.5-0.6 s):
+- ``upconv_matmul``: the decoder's 2x2 stride-2 transposed convolutions as one matmul and a depth-to-space
+  reshape (XLA runs them as a convolution over a zero-dilated input); used on every backend unless ``xla``.
+- ``im2col_conv``: a 3x3 convolution as one matmul over the patch matrix, for the small grids where XLA's CPU
+  convolution is slow.
+- ``winograd_conv``: Winograd's F(2x2, 3x3) and F(4x4, 3x3) with their own VJP, for float32 convolutions with many
+  channels on grids from 8x8.
+- ``max_pool_2x2``: a maximum over a reshaped axis pair, whose gradient is elementwise (no index-tracking
+  reduce-window and scatter).
 
-- 2x2 stride-2 transposed convolutions ("up-convs"): XLA runs them as a convolution over a zero-dilated input
-  (~1 s of the 2.2 s step). Each is one matmul followed by a depth-to-space reshape (``upconv_matmul``), which
-  is also the natural form on GPUs and TPUs, so the U-Net uses it on every backend unless ``conv_impl=xla``.
-- XLA's CPU convolutions go to YNNPACK by default; its weight gradients on large grids run at ~37 GFLOP/s
-  (64x64, 64->64 channels: 65 ms against 17 ms forward). Eigen's convolutions, selected with the XLA flag
-  ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` (``mrirecon_jax.cpu``, applied when the
-  package is imported), make the whole step 0.84 -> 0.75 s. Kept YNNPACK for matmuls (Eigen's were slower).
-- Small grids with many channels (the deep levels): XLA's convolution is pathological with either library
-  (2x2x1024: ~1 s forward, 2.3 s input gradient) where one im2col matmul takes 12 / 18 ms, so ``auto`` uses
-  im2col on CPU for grids of at most 8x8 (where Winograd below does not apply). On larger grids the im2col
-  patch matrix (9x the input) costs more than it saves.
-- Winograd (``winograd_conv``, with its own VJP): F(m x m, 3x3) does the 9 x m^2 multiplies per m x m output tile
-  and channel pair of a direct 3x3 convolution with (m+2)^2, as (m+2)^2 batched matmuls over all tiles: F(2x2,
-  3x3) 16 for 36, F(4x4, 3x3) 36 for 144. The tile transforms are sums with small constant weights, fused into
-  single passes. The input gradient is the transpose of the forward map (the forward's transformed kernel, then
-  the transposed input transform with overlapping tiles summed) and so shares the transformed output gradient
-  A g A^T with the weight gradient, a tile-contracting matmul with the saved input transform. It pays where the
-  matmuls dominate the transforms: many channels. Forward + both gradients, batch 8, alone (previous ``auto``:
-  F(2x2) with >= 128 channels on 8x8-32x32 grids, Eigen on larger -> F(4x4)): 64x64 128->64 60 -> 46 ms, 32x32
-  256->128 49 -> 34 ms, 16x16 512->256 41 -> 26 ms, 16x16 256->256 20 -> 14 ms; level at 64x64 64->64 (31 ms),
-  slower at 128x128 64->64 (143 -> 160 ms), on 4x4 grids (im2col is faster) and on 8x8 grids, where F(2x2)'s
-  smaller transformed kernels win (32 px step: F(4x4) there 2.6 % slower than before, F(2x2) 1.3 % faster).
-  ``auto`` uses it on CPU for float32 convolutions with at least 64 channels on one side and 128 on the other:
-  F(2x2) on 8x8 grids, F(4x4) from 16x16. Thesis step against the previous ``auto``, compiled side by side in one
-  process and run alternately (isolated timings overstate: in the step the transforms stream from memory):
-  64 px 0.925x (0.57 -> ~0.53 s), 128 px 0.88x, 32 px 0.99x; small U-Net 64 px 0.99x. Numerics: max error of
-  the output scale in float32 ~1e-6 for F(2x2), ~1e-5 for F(4x4) (its transforms weigh by up to 8 and 1/24);
-  bfloat16 loses more than XLA's own bfloat16 convolution (2-3x its error for F(2x2)), hence float32 only in auto.
-- 2x2 max pooling: ``nnx.max_pool`` is a reduce-window whose gradient XLA's CPU path computes with an
-  index-tracking reduce-window over four iota arrays and a scatter (~25 ms of the step). ``max_pool_2x2`` takes
-  the maximum over a reshaped (2, 2) axis pair instead, so forward and gradient are plain elementwise passes
-  (step 0.72 -> 0.70 s). Its gradient splits evenly between tied maxima where XLA's picks one; after a ReLU the
-  only ties are at zero, where the ReLU's gradient is zero anyway.
-
-Also tried, slower than the above in the full step: im2col everywhere, a custom VJP whose weight gradient loops
-over cache-sized bands of rows (2x faster than YNNPACK's, slower than Eigen's), nine shifted matmuls,
-``lax.conv_general_dilated_patches``, channels-first layouts, XNNPACK fusions, ``--xla_cpu_enable_fast_math``;
-for Winograd, the input gradient as a Winograd convolution of the output gradient with the flipped kernel (one
-more input transform, and for F(4x4) one more kernel transform), and the weight gradient's tile matmuls split
-along the tiles (YNNPACK runs the batched, tile-contracting matmul at ~60-75 % of its peak).
+``auto`` picks per shape on CPU (see ``_auto_choice``) and XLA's convolution on other backends.
 """
 
 from __future__ import annotations
@@ -312,8 +278,7 @@ def upconv_matmul(x, kernel):
     """``lax.conv_transpose`` (SAME or VALID padding, no kernel transpose) for kernel size == strides, as one
     matmul per input pixel whose (kh, kw) block of outputs is written depth-to-space. That transposed
     convolution maps output offset (a, b) within a block to kernel[kh-1-a, kw-1-b], hence the flip. The kernel
-    is laid out as (cin, kh*kw*cout) first so that the product is a plain 2-D matmul (3 % faster in the thesis
-    step at 64 px than letting einsum place the transposes)."""
+    is laid out as (cin, kh*kw*cout) first so that the product is a plain 2-D matmul."""
     n, height, width, cin = x.shape
     kh, kw, _, cout = kernel.shape
     matrix = jnp.flip(kernel, (0, 1)).transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)

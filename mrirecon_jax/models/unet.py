@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mrirecon_jax.config import UserError
-from mrirecon_jax.models.conv import conv_function, max_pool_2x2, upconv_matmul
+from mrirecon_jax.models.conv import CONV_IMPLS, conv_function, max_pool_2x2, upconv_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +30,14 @@ class UNetSpec:
 
 PRESETS: dict[str, UNetSpec] = {
     # A few thousand parameters: for unit tests.
-    "tiny": UNetSpec(features=(4, 8, 16), output_activation="clip", residual=True),
+    "tiny": UNetSpec(features=(4, 8, 16), output_activation="linear", residual=True),
     # About 0.47 M parameters: trains usefully on a 2-core CPU in minutes.
-    "small": UNetSpec(features=(16, 32, 64, 128), output_activation="clip", residual=True),
+    "small": UNetSpec(features=(16, 32, 64, 128), output_activation="linear", residual=True),
     # The thesis's network: 64-128-256-512-1024, about 31 M parameters, ReLU output (REFERENCE.md).
     "thesis": UNetSpec(features=(64, 128, 256, 512, 1024), output_activation="relu", residual=False),
 }
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes
 OUTPUT_ACTIVATIONS = {
     "relu": jax.nn.relu,
     "sigmoid": jax.nn.sigmoid,
@@ -48,12 +49,12 @@ OUTPUT_ACTIVATIONS = {
 def resolve_spec(preset: str, output_activation: Optional[str] = None) -> UNetSpec:
     """The spec of a named preset, optionally with another output activation."""
     if preset not in PRESETS:
-        raise UserError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        raise UserError(f"Unknown --model={preset!r}; choose one of {', '.join(PRESETS)}.")
     spec = PRESETS[preset]
     if output_activation is not None:
         if output_activation not in OUTPUT_ACTIVATIONS:
-            raise UserError(
-                f"Unknown output activation {output_activation!r}; choose one of {', '.join(OUTPUT_ACTIVATIONS)}.")
+            raise UserError(f"Unknown --output_activation={output_activation!r}; choose one of "
+                            f"{', '.join(OUTPUT_ACTIVATIONS)}.")
         spec = dataclasses.replace(spec, output_activation=output_activation)
     return spec
 
@@ -61,6 +62,20 @@ def resolve_spec(preset: str, output_activation: Optional[str] = None) -> UNetSp
 def min_image_size(spec: UNetSpec) -> int:
     """Image sides must be multiples of this (one halving per pooling step)."""
     return 2 ** (len(spec.features) - 1)
+
+
+def checked_spec(preset: str, output_activation: Optional[str], image_size: int, dtype: str,
+                 conv_impl: str) -> UNetSpec:
+    """The spec of a preset, after checking that the image size, dtype and back end suit it (UserError if not)."""
+    spec = resolve_spec(preset, output_activation)
+    if image_size % min_image_size(spec):
+        raise UserError(f"--image_size={image_size} must be a multiple of {min_image_size(spec)} for the {preset!r} "
+                        f"U-Net ({len(spec.features) - 1} poolings).")
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown --dtype={dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if conv_impl not in CONV_IMPLS:
+        raise UserError(f"Unknown --conv_impl={conv_impl!r}; choose one of {', '.join(CONV_IMPLS)}.")
+    return spec
 
 
 class ConvBlock(nnx.Module):

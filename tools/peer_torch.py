@@ -10,7 +10,7 @@ By default it uses PyTorch's fastest CPU set-up measured on the 2-core Xeon: the
 default), and it times both memory formats (contiguous NCHW was faster at 32 and 64 px, channels-last at 128 px),
 one line each; the benchmark job's `--peer=torch` keeps the faster.
 
-    python experiments/peer_torch.py --model=thesis --image_sizes=32,64 --batch_sizes=8
+    python -m tools.peer_torch --model=thesis --image_sizes=32,64 --batch_sizes=8
 """
 
 from __future__ import annotations

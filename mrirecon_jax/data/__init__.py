@@ -1,0 +1,10 @@
+"""The data room: NIfTI volumes to model-grid slices and back (host side, numpy).
+
+- ``volumes``: finding, naming, reading and refusing NIfTI files (canonical RAS orientation).
+- ``geometry``: plane, slab, display orientation, square field of view, resizing, the affine back to scanner space.
+- ``normalise``: the clean slices' min-max frame, and the one normalisation of a model input (jittable).
+- ``brain``: brain masks and skull stripping.
+- ``prepare``: ``prepare_volume``, the one path from a volume to model-grid slices, used by every job.
+- ``dataset``: the subject split, the dataset of a run and its on-disk cache.
+- ``demo``: the demo source for machines without data.
+"""

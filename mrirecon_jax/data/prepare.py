@@ -1,0 +1,59 @@
+"""The one way a volume becomes model-grid slices: training, evaluation, reconstruct, detect and detect_eval all
+call :func:`prepare_volume`, so they see the same slices (skull stripping, plane, slab, geometry) for the same file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from mrirecon_jax.config import Config
+from mrirecon_jax.data import brain as brain_lib
+from mrirecon_jax.data import geometry as geometry_lib
+from mrirecon_jax.data import normalise
+
+MASK_LEVEL = 0.5  # a mask resampled to the model grid keeps the pixels that are at least this much inside
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedVolume:
+    """A volume's slices on the model grid, and what is needed to put results back into the volume's space."""
+
+    slices: np.ndarray  # (n, S, S) float32 in the volume's own intensity units
+    geometry: geometry_lib.SliceGeometry
+    brain: Optional[np.ndarray]  # (n, S, S) bool brain mask on the model grid, when one was made or given
+
+    def clean(self) -> np.ndarray:
+        """The slices as clean training targets: (n, S, S, 1) float32, min-max normalised per slice."""
+        return normalise.minmax(self.slices)[..., None]
+
+
+def grid_mask(mask: np.ndarray, zooms, geometry: geometry_lib.SliceGeometry) -> np.ndarray:
+    """A canonical bool volume sliced like the volume it belongs to: (n, S, S) bool, a pixel in when most of it is."""
+    sliced, _ = geometry_lib.volume_slices(np.asarray(mask, np.float32), zooms, geometry.plane, geometry.image_size,
+                                           geometry.indices)
+    return sliced >= MASK_LEVEL
+
+
+def prepare_volume(volume, zooms, cfg: Config, *, whole_volume: bool = False, brain: Optional[np.ndarray] = None,
+                   with_brain: bool = False) -> PreparedVolume:
+    """Model-grid slices of a canonical volume as `cfg`'s training prepares them.
+
+    The slices are the central slab that `cfg` selects (``slices`` or ``slab_mm``), or every slice along the plane
+    with `whole_volume`. `brain` is a canonical bool mask on the volume's grid; without one, a mask is computed
+    (``brain.brain_mask``) when the run skull-strips or `with_brain` asks for it. A skull-stripping run masks the
+    volume with it before slicing.
+    """
+    volume = np.asarray(volume, np.float32)
+    if brain is None and (cfg.skull_strip or with_brain):
+        brain = brain_lib.brain_mask(volume, zooms)
+    if cfg.skull_strip:
+        volume = brain_lib.skull_strip(volume, brain)
+    axis = geometry_lib.plane_axis(cfg.plane)
+    indices = None if whole_volume else geometry_lib.slab_indices(volume.shape[axis], float(zooms[axis]),
+                                                                   cfg.slices, cfg.slab_mm)
+    slices, geometry = geometry_lib.volume_slices(volume, zooms, cfg.plane, cfg.image_size, indices)
+    return PreparedVolume(slices=slices, geometry=geometry,
+                          brain=None if brain is None else grid_mask(brain, zooms, geometry))

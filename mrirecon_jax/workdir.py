@@ -1,0 +1,269 @@
+"""The layout and I/O of a run directory; only this module knows its file names.
+
+    WORKDIR/config.json     the run's Config            WORKDIR/checkpoints/   orbax: params, opt_state, meta
+    WORKDIR/split.json      data source and subjects    WORKDIR/eval/          the evaluate job's metrics and figures
+    WORKDIR/metrics.jsonl   one record per validation   WORKDIR/detect/        the detect_eval job's metrics and figures
+    WORKDIR/samples.png     validation samples
+
+JSON is written atomically (a temporary file, then a rename) with non-finite numbers as ``null``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mrirecon_jax.config import RESUMABLE_FIELDS, Config, UserError
+
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.png"
+CHECKPOINT_DIR = "checkpoints"
+EVAL_DIR = "eval"
+DETECT_DIR = "detect"
+METRICS_JSON = "metrics.json"  # inside eval/ and detect/
+RUN_POLICY = "run_policy"  # the key of eval/metrics.json's "kinds" under which the run's own policy is evaluated
+BEST_METRIC = "ssim_slice"  # the validation metric that picks the best checkpoint (higher is better)
+CHECKPOINTS = ("best", "last")  # besides a step number
+
+
+def finite(tree):
+    """A JSON-able copy of `tree` with NaN and inf (Python or numpy floats) as None."""
+    if isinstance(tree, dict):
+        return {k: finite(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite(v) for v in tree]
+    if isinstance(tree, (float, np.floating)):
+        return float(tree) if math.isfinite(tree) else None
+    if isinstance(tree, np.integer):
+        return int(tree)
+    if isinstance(tree, np.bool_):
+        return bool(tree)
+    return tree
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_atomically(path, write) -> Path:
+    """Call write(temporary path), then rename it onto `path`; on failure nothing is left behind."""
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes))
+    os.close(fd)
+    try:
+        write(temp)
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return path
+
+
+def write_json(path, obj) -> Path:
+    """`obj` as indented JSON at `path`, atomically, with non-finite numbers as null."""
+    text = json.dumps(finite(obj), indent=2, allow_nan=False)
+    return write_atomically(path, lambda temp: Path(temp).write_text(text + "\n"))
+
+
+def read_json(path, what: str):
+    """The JSON at `path`; a UserError naming `what` when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: {what}.")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}): {what}.") from None
+
+
+class Workdir:
+    """One run directory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def samples_file(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL_DIR
+
+    @property
+    def detect_dir(self) -> Path:
+        return self.path / DETECT_DIR
+
+    # ------------------------------------------------------------------------------------- config and split
+
+    def holds_run(self) -> bool:
+        return self.file(CONFIG_FILE).is_file()
+
+    def require_run(self) -> None:
+        """The one error for a folder that holds no run."""
+        if not self.holds_run():
+            raise UserError(f"--workdir={self.path} holds no run (no {CONFIG_FILE}); train one there first.")
+
+    def read_config(self) -> Config:
+        self.require_run()
+        path = self.file(CONFIG_FILE)
+        try:
+            return Config.from_json(path.read_text())
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"{path} is unreadable ({err}); use another --workdir.") from None
+
+    def check_resumable(self, cfg: Config) -> None:
+        """Refuse a workdir that holds a run with other settings (fields outside RESUMABLE_FIELDS)."""
+        if self.holds_run():
+            previous = dataclasses.asdict(self.read_config())
+            current = dataclasses.asdict(cfg)
+            changed = sorted(k for k in current if k not in RESUMABLE_FIELDS and previous.get(k) != current[k])
+            if changed:
+                detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
+                raise UserError(f"{self.path} holds a run with another configuration ({detail}); "
+                                "use another --workdir or the same settings to resume it.")
+
+    def record_config(self, cfg: Config) -> None:
+        """Create the workdir and record the config, after check_resumable."""
+        self.check_resumable(cfg)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--workdir={self.path} cannot be created ({err.strerror}).") from None
+        write_json(self.file(CONFIG_FILE), dataclasses.asdict(cfg))
+
+    def write_split(self, split: dict) -> None:
+        write_json(self.file(SPLIT_FILE), split)
+
+    def read_split(self) -> dict:
+        self.require_run()
+        return read_json(self.file(SPLIT_FILE), "the run's data split, written when it trained")
+
+    # ------------------------------------------------------------------------------------- metrics lines
+
+    def append_metrics(self, record: dict) -> None:
+        with self.file(METRICS_FILE).open("a") as f:
+            f.write(json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        """The run's metrics.jsonl records (one per validation), in step order."""
+        self.require_run()
+        path = self.file(METRICS_FILE)
+        if not path.is_file():
+            raise UserError(f"{self.path} has no {METRICS_FILE} yet; train the run there first.")
+        try:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON lines ({err}).") from None
+        return sorted(records, key=lambda r: r["step"])
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def checkpoint_manager(self, keep: int = 3) -> ocp.CheckpointManager:
+        """Orbax manager of WORKDIR/checkpoints keeping the last `keep` checkpoints and the best by BEST_METRIC;
+        each checkpoint holds the items params, opt_state and meta (JSON)."""
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+                                          keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC],
+                                               best_mode="max", create=True)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager((self.path / CHECKPOINT_DIR).absolute(), options=options,
+                                     item_handlers=handlers)
+
+    @staticmethod
+    def save_checkpoint(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict,
+                        metrics: Optional[dict] = None) -> None:
+        """Save the training state at `step` (with validation metrics it is a candidate for 'best')."""
+        if step in manager.all_steps():
+            return
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                   opt_state=ocp.args.StandardSave(opt_state),
+                                                   meta=ocp.args.JsonSave(meta)),
+                     metrics=None if metrics is None else {BEST_METRIC: metrics[BEST_METRIC]})
+        manager.wait_until_finished()
+
+    @staticmethod
+    def restore_training(manager: ocp.CheckpointManager, step: int, params, opt_state):
+        """(params, opt_state, meta) at `step`, onto the shapes, dtypes and shardings of the given trees."""
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(params)), opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+            meta=ocp.args.JsonRestore()))
+        return restored["params"], restored["opt_state"], dict(restored["meta"])
+
+    def restore_params(self, checkpoint: str, abstract_params):
+        """(params, step) of checkpoint `best` (by validation SSIM), `last` or a step number: the params item
+        alone (no optimizer state is read), onto `abstract_params` (jax.ShapeDtypeStruct leaves)."""
+        cfg = self.read_config()
+        manager = self.checkpoint_manager(cfg.keep_checkpoints)
+        try:
+            available = manager.all_steps()
+            if not available:
+                raise UserError(f"{self.path} holds no checkpoint yet.")
+            if checkpoint == "best":
+                step = manager.best_step()
+            elif checkpoint == "last":
+                step = manager.latest_step()
+            elif str(checkpoint).isdigit() and int(checkpoint) in available:
+                step = int(checkpoint)
+            else:
+                raise UserError(f"--checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)} or a saved step "
+                                f"({', '.join(map(str, sorted(available)))}).")
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params)))
+        finally:
+            manager.close()
+        return restored["params"], int(step)
+
+    # ------------------------------------------------------------------------------------- job outputs
+
+    def output_dir(self, name: str) -> Path:
+        """WORKDIR/<name>/ (EVAL_DIR or DETECT_DIR), created."""
+        folder = self.path / name
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def figure(self, folder: str, name: str) -> Path:
+        """Where figure `name` of the job output `folder` (EVAL_DIR or DETECT_DIR) goes."""
+        return self.output_dir(folder) / f"{name}.png"
+
+    def figures(self, folder: str) -> list[Path]:
+        """The figures a job wrote into `folder`, sorted by name."""
+        return sorted((self.path / folder).glob("*.png"))
+
+    def write_evaluation(self, report: dict) -> Path:
+        return write_json(self.output_dir(EVAL_DIR) / METRICS_JSON, report)
+
+    def read_evaluation(self) -> dict:
+        self.require_run()
+        return read_json(self.eval_dir / METRICS_JSON, f"run --mode=evaluate --workdir={self.path} first")
+
+    def write_detection(self, results: dict) -> Path:
+        return write_json(self.output_dir(DETECT_DIR) / METRICS_JSON, results)
+
+    def read_detection(self) -> Optional[dict]:
+        """The detect_eval job's metrics, or None when it has not run."""
+        path = self.detect_dir / METRICS_JSON
+        return read_json(path, "the detect_eval job's metrics") if path.is_file() else None

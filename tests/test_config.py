@@ -1,0 +1,28 @@
+"""The run's Config: its cross-field checks, each worded once in the flags' terms, and its JSON record."""
+
+import pytest
+
+from mrirecon_jax.config import Config, UserError
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(slices=None), "exactly one of --slices and --slab_mm"),
+    (dict(slices=4, slab_mm=20.0), "exactly one of --slices and --slab_mm"),
+    (dict(slices=0), "--slices must be positive"),
+    (dict(slices=None, slab_mm=-1.0), "--slab_mm must be positive"),
+    (dict(image_size=4), "--image_size must be at least 8"),
+    (dict(val_fraction=1.0), "--val_fraction must be between 0 and 1"),
+    (dict(max_subjects=1), "--max_subjects must be at least 2"),
+    (dict(learning_rate=0.0), "--learning_rate must be positive"),
+    (dict(batch_size=0), "--batch_size must be at least 1"),
+    (dict(max_train_minutes=0.0), "--max_train_minutes must be positive"),
+])
+def test_impossible_settings_are_refused_in_one_sentence(changes, message):
+    with pytest.raises(UserError, match=message):
+        Config().replace(**changes)
+
+
+def test_json_round_trip_ignores_unknown_fields_and_fills_missing_ones():
+    cfg = Config(image_size=32, slices=None, slab_mm=48.0, model="tiny")
+    assert Config.from_json(cfg.to_json()) == cfg
+    assert Config.from_json('{"image_size": 32, "from_a_newer_version": 1}') == Config(image_size=32)
