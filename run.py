@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from mrirecon_jax import benchmark, cpu, infer, losses
+from mrirecon_jax import benchmark, cpu, infer, losses, train
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import geometry
 from mrirecon_jax.models import conv, unet
@@ -38,7 +38,8 @@ flags.DEFINE_enum("backend", None, list(BACKENDS), "JAX backend; default: JAX's 
 
 # Config fields whose values a room owns: the flag offers exactly that room's names.
 CHOICES = {"plane": geometry.PLANE_AXES, "model": unet.PRESETS, "output_activation": unet.OUTPUT_ACTIVATIONS,
-           "dtype": unet.DTYPES, "conv_impl": conv.CONV_IMPLS, "loss": losses.LOSSES}
+           "norm": unet.NORMS, "dtype": unet.DTYPES, "conv_impl": conv.CONV_IMPLS, "loss": losses.LOSSES,
+           "lr_schedule": train.LR_SCHEDULES}
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 
 
@@ -137,8 +138,6 @@ def required_flag(name: str):
 # Each job reads its flags here and calls one function of the package; the package never reads flags.
 
 def train_job():
-    from mrirecon_jax import train
-
     workdir = workdir_flag()
     summary = train.train_and_evaluate(config_from_flags(), workdir)
     print(json.dumps({k: summary[k] for k in ("step", "epoch", "ssim_slice", "ssim_patch", "psnr_slice",

@@ -38,18 +38,29 @@ class Config:
                                             "$MRIRECON_CACHE_DIR or ~/.cache/mrirecon_jax).")
     skull_strip: bool = _field(False, "Train on skull-stripped slices (each volume masked by its computed brain "
                                       "mask), for detection on skull-stripped scans.")
-    # Corruptions.
-    corruptions: str = _field("original", "Corruption policy: original, augmented, realistic, none, or a spec "
-                                          "such as 'patch+oneof(downsample,gibbs,ghost)'.")
+    # Corruptions and augmentation.
+    corruptions: str = _field("original", "Corruption policy of training: original, augmented, augmented_wide, "
+                                          "realistic, none, or a spec such as 'patch+oneof(downsample,gibbs,ghost)'.")
+    val_corruptions: Optional[str] = _field(None, "Corruption policy of validation and evaluation (default: "
+                                                  "--corruptions), to train on one policy and measure on another.")
+    augment: str = _field("", "Train-time augmentation of the clean slices, target and input alike: site (= "
+                              "geometry+contrast+bias+noise), none, or '+'-joined names among geometry, contrast, "
+                              "bias, noise.")
     # Model.
     model: str = _field("small", "U-Net preset.")
     output_activation: Optional[str] = _field(None, "Override the preset's output activation.")
+    norm: Optional[str] = _field(None, "Override the preset's normalisation after each convolution.")
     dtype: str = _field("float32", "Compute dtype of the model.")
     conv_impl: str = _field("auto", "Convolution back end (models/conv.py): auto picks per shape; xla is XLA's own "
                                     "throughout (the reference).")
     # Optimisation.
     loss: str = _field("ssim", "Training loss.")
-    learning_rate: float = _field(1e-4, "Adam learning rate.")
+    patch_weight: float = _field(0.0, "Extra loss weight of the pixels a patch covers (weight 1 + patch_weight "
+                                      "there, 1 elsewhere).")
+    learning_rate: float = _field(1e-4, "Adam learning rate (the peak, with a schedule).")
+    lr_schedule: str = _field("constant", "Learning-rate schedule: constant, or cosine decay to zero over the "
+                                          "run's planned steps (epochs, or --max_steps).")
+    warmup_steps: int = _field(0, "Linear learning-rate warm-up over this many first steps.")
     batch_size: int = _field(8, "Global training batch size.")
     epochs: int = _field(10, "Number of epochs.")
     max_steps: Optional[int] = _field(None, "Stop after this many training steps in total.")
@@ -77,8 +88,16 @@ class Config:
         for name, (value, least) in at_least.items():
             if value is not None and value < least:
                 raise UserError(f"--{name} must be at least {least}, got {value}.")
+        for name in ("patch_weight", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}.")
+
+    @property
+    def eval_policy(self) -> str:
+        """The corruption policy that validation and evaluation measure the run on."""
+        return self.val_corruptions or self.corruptions
 
     def replace(self, **changes) -> "Config":
         """A copy with some fields changed (checked again)."""

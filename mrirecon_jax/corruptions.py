@@ -92,8 +92,18 @@ def _magnitude(z):
 
 
 def _finish(x, like):
-    """Clip a float32 result to [0, 1] and cast it to the dtype of ``like``."""
-    return jnp.clip(x, 0.0, 1.0).astype(like.dtype)
+    """Cast a float32 result to the dtype of ``like``. Not clipped: ringing overshoots, a bias field brightens,
+    and the model, which normalises every input (``data.normalise.normalise_input``), sees that as scanners make it."""
+    return x.astype(like.dtype)
+
+
+def _image_of(kspace, key, real_probability: float):
+    """The image of edited k-space: its magnitude, or with probability ``real_probability`` its real part (what a
+    reconstruction that keeps the sign does: ringing then dips below the background)."""
+    z = ifft2c(kspace)
+    if real_probability == 0:
+        return _magnitude(z)
+    return jnp.where(jax.random.bernoulli(key, real_probability), jnp.real(z), _magnitude(z))
 
 
 def _centred_band(n, fraction):
@@ -142,23 +152,27 @@ def _segment_mask(height, width, points, thickness):
     return (dist2 <= (thickness / 2.0) ** 2).astype(jnp.float32)
 
 
-def line_patch(key, image, max_thickness_frac=1 / 8, centre_frac=0.5, min_opacity=0.3, max_opacity=1.0):
+def line_patch(key, image, max_thickness_frac=1 / 8, centre_frac=0.5, min_opacity=0.3, max_opacity=1.0,
+               clip_probability=1.0):
     """Thesis section 4.4.7: add a white line of random ends, thickness and opacity; return (image, mask).
 
     Ends are drawn uniformly in the central box (``centre_frac`` of each side, "to avoid creating patches in
     blank areas"), thickness in [1, ``max_thickness_frac`` * H] px, opacity in [min_opacity, max_opacity].
     A pixel belongs to the line when its distance to the segment is <= thickness / 2. The result is
     ``minimum(image + opacity * mask, max(image))``: the patch is clipped to the slice maximum so the dynamic
-    range does not grow. ``mask`` is (H, W, 1) float32 in {0, 1}; pixels already at the maximum are in the
-    mask but unchanged.
+    range does not grow (with probability ``clip_probability``; otherwise the line is simply added). ``mask`` is
+    (H, W, 1) float32 in {0, 1}; pixels already at the maximum are in the mask but unchanged.
     """
     height, width = image.shape[0], image.shape[1]
     points, thickness, opacity = _line_geometry(key, height, width, max_thickness_frac, centre_frac,
                                                 min_opacity, max_opacity)
     mask = _segment_mask(height, width, points, thickness)[..., None]
     x = image.astype(jnp.float32)
-    patched = jnp.minimum(x + opacity * mask, jnp.max(x))
-    return _finish(patched, image), mask
+    patched = x + opacity * mask
+    clipped = jnp.minimum(patched, jnp.max(x))
+    if clip_probability < 1:
+        clipped = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 1), clip_probability), clipped, patched)
+    return _finish(clipped, image), mask
 
 
 def patch_box(mask):
@@ -203,18 +217,48 @@ def _crop_band(size, kept):
     return (index >= start) & (index < start + kept)
 
 
+DOWNSAMPLE_METHODS = ("area", "kspace", "any")
+
+
+def _resampled(x, factor, down: str, up: str):
+    """Down to round(size / factor) with `down` (``area``: area averaging; else jax.image's antialiased kernel of
+    that name), back up with jax.image's `up` interpolation."""
+    height, width, channels = x.shape
+    reduced_h, reduced_w = max(1, round(height / factor)), max(1, round(width / factor))
+    if down == "area":
+        small = jnp.einsum("ih,hwc,jw->ijc", _area_weights(height, reduced_h), x, _area_weights(width, reduced_w))
+    else:
+        small = jax.image.resize(x, (reduced_h, reduced_w, channels), method=down, antialias=True)
+    return jax.image.resize(small, (height, width, channels), method=up)
+
+
+def _lowpassed(key, x, factor):
+    """k-space low-pass around 1 / factor of each axis: a sharp crop of random width (ringing) or a Gaussian
+    roll-off (smooth), drawn per slice."""
+    height, width = x.shape[0], x.shape[1]
+    k_width, k_shape = jax.random.split(key)
+    fraction = jax.random.uniform(k_width, (), jnp.float32, 0.8, 1.2) / factor
+    ky = jnp.abs(jnp.arange(height) - height // 2) / (height / 2.0)
+    kx = jnp.abs(jnp.arange(width) - width // 2) / (width / 2.0)
+    sharp = ((ky <= fraction)[:, None] & (kx <= fraction)[None, :]).astype(jnp.float32)
+    smooth = jnp.exp(-0.5 * (ky[:, None] ** 2 + kx[None, :] ** 2) / (0.6 * fraction) ** 2)
+    window = jnp.where(jax.random.bernoulli(k_shape), sharp, smooth)
+    return _magnitude(ifft2c(fft2c(x) * window[..., None]))
+
+
 def downsample(key, image, factor=2, method="area"):
     """Thesis section 4.4.8 (resolution reduction) by ``factor``, back at the input size.
 
     ``method="area"``: area-resize to round(H / factor) x round(W / factor) (average pooling for a whole
     factor), then ``jax.image.resize(method="linear")`` back (the thesis resized down and up). ``method="kspace"``:
     keep only the central round(H / factor) x round(W / factor) k-space samples (what a scanner acquiring the
-    lower resolution measures), zero-fill, ``ifft2c``, magnitude. Any size works; ``factor == 1`` is the
-    identity. ``key`` is unused (kept for the uniform signature).
+    lower resolution measures), zero-fill, ``ifft2c``, magnitude. ``method="any"`` draws one of several
+    implementations per slice (area, antialiased linear or Lanczos down, linear / cubic / Lanczos up, a sharp or
+    Gaussian k-space low-pass of random width), so a model does not learn one filter's fingerprint. Any size
+    works; ``factor == 1`` is the identity. ``key`` is only used by ``any``.
     """
-    del key
-    if method not in ("area", "kspace"):
-        raise ValueError(f'downsample method must be "area" or "kspace", not {method!r}.')
+    if method not in DOWNSAMPLE_METHODS:
+        raise ValueError(f"downsample method must be one of {DOWNSAMPLE_METHODS}, not {method!r}.")
     height, width, channels = image.shape
     if factor == 1:
         return image
@@ -223,54 +267,79 @@ def downsample(key, image, factor=2, method="area"):
     if method == "kspace":
         keep = _crop_band(height, reduced_h)[:, None] & _crop_band(width, reduced_w)[None, :]
         return _finish(_magnitude(ifft2c(fft2c(x) * keep[..., None])), image)
-    small = jnp.einsum("ih,hwc,jw->ijc", _area_weights(height, reduced_h), x, _area_weights(width, reduced_w))
-    return _finish(jax.image.resize(small, (height, width, channels), method="linear"), image)
+    if method == "area":
+        return _finish(_resampled(x, factor, "area", "linear"), image)
+    k_branch, k_low = jax.random.split(key)
+    branches = [lambda: _resampled(x, factor, "area", "linear"), lambda: _resampled(x, factor, "area", "cubic"),
+                lambda: _resampled(x, factor, "linear", "cubic"), lambda: _resampled(x, factor, "lanczos3", "lanczos3"),
+                lambda: _resampled(x, factor, "cubic", "linear"), lambda: _lowpassed(k_low, x, factor)]
+    return _finish(jax.lax.switch(jax.random.randint(k_branch, (), 0, len(branches)), branches), image)
 
 
-def gibbs(key, image, keep_fraction_range=(0.35, 0.65), axes="both"):
+GIBBS_AXES = ("pe", "both", "any")
+
+
+def gibbs(key, image, keep_fraction_range=(0.35, 0.65), axes="both", real_probability=0.0):
     """Thesis section 4.4.9 (after its ref. 31): Gibbs ringing by truncating k-space.
 
     ``fft2c``, zero every line outside a centred band that keeps a fraction f ~ U(keep_fraction_range) of the
-    lines along the phase-encode axis 0 (``axes="pe"``) or along both axes (``axes="both"``), ``ifft2c``,
-    magnitude, clip to [0, 1]. f = 1 is the identity (up to float error).
+    lines along the phase-encode axis 0 (``axes="pe"``), along both axes (``"both"``), or along the phase-encode
+    axis, the readout axis or both, drawn per slice (``"any"``); ``ifft2c``; the magnitude, or with probability
+    ``real_probability`` the real part. f = 1 is the identity (up to float error).
     """
-    if axes not in ("pe", "both"):
-        raise ValueError(f'gibbs axes must be "pe" or "both", not {axes!r}.')
+    if axes not in GIBBS_AXES:
+        raise ValueError(f"gibbs axes must be one of {GIBBS_AXES}, not {axes!r}.")
     height, width = image.shape[0], image.shape[1]
     lo, hi = keep_fraction_range
     fraction = jax.random.uniform(key, (), jnp.float32, lo, hi)
-    keep = _centred_band(height, fraction)[:, None]
-    if axes == "both":
-        keep = keep & _centred_band(width, fraction)[None, :]
+    rows, cols = _centred_band(height, fraction)[:, None], _centred_band(width, fraction)[None, :]
+    if axes == "pe":
+        keep = rows & jnp.ones_like(cols)
+    elif axes == "both":
+        keep = rows & cols
+    else:
+        which = jax.random.randint(jax.random.fold_in(key, 1), (), 0, 3)  # 0: pe, 1: readout, 2: both
+        keep = (rows | (which == 1)) & (cols | (which == 0))
     kspace = fft2c(image) * keep[..., None]
-    return _finish(_magnitude(ifft2c(kspace)), image)
+    return _finish(_image_of(kspace, jax.random.fold_in(key, 2), real_probability), image)
 
 
-def ghost(key, image, num_ghosts_range=(2, 4), intensity_range=(0.3, 0.8), axis=0, restore_centre=True):
+def _ghost_scale(size, num, strength, restore_centre):
+    """(size,) k-space line weights: every num-th line scaled by 1 - strength, the centre line kept if asked."""
+    idx = jnp.arange(size)
+    scaled = (idx % num == 0) & ~(restore_centre & (idx == size // 2))
+    return jnp.where(scaled, 1.0 - strength, 1.0)
+
+
+def ghost(key, image, num_ghosts_range=(2, 4), intensity_range=(0.3, 0.8), axis=0, restore_centre=True,
+          real_probability=0.0):
     """Thesis section 4.4.10 / TorchIO ``RandomGhosting``: periodic scaling of k-space lines.
 
     n ~ U{num_ghosts_range} (inclusive), s ~ U(intensity_range); every n-th line (indices 0, n, 2n, ... of the
-    centred k-space) along ``axis`` is multiplied by (1 - s); with ``restore_centre`` the centre line
-    (index size // 2) keeps its original value, as TorchIO does with ``restore=None``. Then ``ifft2c``,
-    magnitude (TorchIO takes the real part), clip. Ghost copies of amplitude ~s/n appear shifted by
-    size / n pixels along ``axis``. s = 0 is the identity.
+    centred k-space) along ``axis`` (0, 1, or ``"any"``: drawn per slice) is multiplied by (1 - s); with
+    ``restore_centre`` (True, False, or ``"any"``) the centre line (index size // 2) keeps its original value, as
+    TorchIO does with ``restore=None``. Then ``ifft2c``, the magnitude, or with probability ``real_probability``
+    the real part (as TorchIO takes). Ghost copies of amplitude ~s/n appear shifted by size / n pixels along the
+    axis. s = 0 is the identity.
     """
-    if axis not in (0, 1):
-        raise ValueError(f"ghost axis must be 0 or 1, not {axis!r}.")
+    if axis not in (0, 1, "any"):
+        raise ValueError(f"ghost axis must be 0, 1 or 'any', not {axis!r}.")
     n_lo, n_hi = num_ghosts_range
     if n_lo < 1 or n_hi < n_lo:
         raise ValueError(f"ghost num_ghosts_range must be 1 <= low <= high, not {num_ghosts_range!r}.")
     k_n, k_s = jax.random.split(key)
     num = jax.random.randint(k_n, (), n_lo, n_hi + 1)
     strength = jax.random.uniform(k_s, (), jnp.float32, *intensity_range)
-    size = image.shape[axis]
-    idx = jnp.arange(size)
-    scaled = idx % num == 0
-    if restore_centre:
-        scaled = scaled & (idx != size // 2)
-    scale = jnp.where(scaled, 1.0 - strength, 1.0)
-    scale = scale[:, None, None] if axis == 0 else scale[None, :, None]
-    return _finish(_magnitude(ifft2c(fft2c(image) * scale)), image)
+    if restore_centre == "any":
+        restore_centre = jax.random.bernoulli(jax.random.fold_in(key, 1))
+    rows = _ghost_scale(image.shape[0], num, strength, restore_centre)[:, None, None]
+    cols = _ghost_scale(image.shape[1], num, strength, restore_centre)[None, :, None]
+    if axis == "any":
+        along_rows = jax.random.bernoulli(jax.random.fold_in(key, 2))
+        scale = jnp.where(along_rows, rows * jnp.ones_like(cols), cols * jnp.ones_like(rows))
+    else:
+        scale = rows if axis == 0 else cols
+    return _finish(_image_of(fft2c(image) * scale, jax.random.fold_in(key, 3), real_probability), image)
 
 
 # --------------------------------------------------------------------------------------------- beyond the thesis
@@ -329,17 +398,8 @@ def spike(key, image, num_spikes_range=(1, 3), intensity_range=(0.1, 0.4)):
 
 def _rotate(x, angle):
     """(H, W, C) float32 image rotated by ``angle`` radians about its centre (bilinear, zero outside)."""
-    height, width = x.shape[0], x.shape[1]
-    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
-                              indexing="ij")
-    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
     cos, sin = jnp.cos(angle), jnp.sin(angle)
-    source = [cy + cos * (rows - cy) - sin * (cols - cx), cx + sin * (rows - cy) + cos * (cols - cx)]
-
-    def one_channel(channel):
-        return jax.scipy.ndimage.map_coordinates(channel, source, order=1, mode="constant", cval=0.0)
-
-    return jax.vmap(one_channel, in_axes=2, out_axes=2)(x)
+    return _warp(x, jnp.array([[cos, -sin], [sin, cos]]), jnp.zeros(2))
 
 
 def _shift_ramp(height, width, shift):
@@ -465,6 +525,18 @@ CORRUPTIONS: dict[str, Callable] = {
                                                    pattern="equispaced"),
     "undersample_equispaced_x8": functools.partial(undersample, acceleration=8, center_fraction=0.04,
                                                    pattern="equispaced"),
+    # Training variants of the thesis's kinds, randomised well beyond one implementation's choices (filters,
+    # strengths, axes, magnitude or real part), so that what a model learns holds on other scanners' artifacts.
+    "downsample_wide": functools.partial(downsample, factor=2, method="any"),
+    "gibbs_wide": functools.partial(gibbs, keep_fraction_range=(0.3, 0.75), axes="any", real_probability=0.5),
+    "ghost_wide": functools.partial(ghost, num_ghosts_range=(2, 5), intensity_range=(0.2, 0.95), axis=0,
+                                    restore_centre="any", real_probability=0.5),
+}
+
+# name -> the line patch with the parameters policies use; "patch_wide" is the training variant.
+PATCHES: dict[str, Callable] = {
+    "patch": line_patch,
+    "patch_wide": functools.partial(line_patch, centre_frac=0.6, min_opacity=0.2, clip_probability=0.5),
 }
 
 NAMED_POLICIES: dict[str, str] = {
@@ -472,6 +544,7 @@ NAMED_POLICIES: dict[str, str] = {
     "augmented": "patch+oneof(downsample,gibbs,ghost)",
     "realistic": "patch+oneof(kspace_crop,gibbs_pe,ghost,motion,spike,bias,undersample_random_x4,"
                  "undersample_equispaced_x8)+noise",
+    "augmented_wide": "patch_wide+oneof(downsample_wide,gibbs_wide,ghost_wide)",
     "none": "",
 }
 
@@ -489,30 +562,33 @@ class Policy:
     spec: str
     before: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
+    patch_kind: str = "patch"  # a name in PATCHES
 
     def __post_init__(self):
         unknown = [k for k in self.before + self.kinds + self.after if k not in CORRUPTIONS]
         if unknown:
             raise ValueError(f"Unknown corruption {unknown[0]!r}; valid names are {', '.join(CORRUPTIONS)}.")
+        if self.patch_kind not in PATCHES:
+            raise ValueError(f"Unknown patch {self.patch_kind!r}; valid names are {', '.join(PATCHES)}.")
 
 
 def _canonical(patch, before, kinds, after):
     drawn = [kinds[0]] if len(kinds) == 1 else [f"oneof({','.join(kinds)})"] if kinds else []
-    return "+".join((["patch"] if patch else []) + list(before) + drawn + list(after)) or "none"
+    return "+".join(([patch] if patch else []) + list(before) + drawn + list(after)) or "none"
 
 
 def parse_policy(spec: str) -> Policy:
     """Parse a policy name or spec (in Python, once; never inside ``jit``).
 
     Names: ``original`` = ``patch+downsample``, ``augmented`` = ``patch+oneof(downsample,gibbs,ghost)``,
-    ``realistic`` (see ``NAMED_POLICIES``), ``none`` = no corruption. Specs are ``+``-joined terms: ``patch``,
-    corruption names (always applied, in the written order) and at most one ``oneof(a,b,...)`` (one of them
-    drawn per slice, at its place in that order); the patch is always applied last. Without a ``oneof`` of
-    several names the first corruption is ``kinds`` and the others ``after``. Each corruption appears at
-    most once; whitespace and case are ignored.
+    ``realistic``, ``augmented_wide`` (see ``NAMED_POLICIES``), ``none`` = no corruption. Specs are ``+``-joined
+    terms: a patch (``patch`` or its training variant ``patch_wide``), corruption names (always applied, in the
+    written order) and at most one ``oneof(a,b,...)`` (one of them drawn per slice, at its place in that order);
+    the patch is always applied last. Without a ``oneof`` of several names the first corruption is ``kinds`` and
+    the others ``after``. Each corruption appears at most once; whitespace and case are ignored.
     """
-    valid = (f"valid policies are {', '.join(NAMED_POLICIES)} or '+'-joined terms among 'patch', "
-             f"{', '.join(CORRUPTIONS)} and one oneof(...) of those corruptions")
+    valid = (f"valid policies are {', '.join(NAMED_POLICIES)} or '+'-joined terms among "
+             f"{', '.join(PATCHES)}, {', '.join(CORRUPTIONS)} and one oneof(...) of those corruptions")
     if isinstance(spec, Policy):
         return spec
     if not isinstance(spec, str):
@@ -523,8 +599,8 @@ def parse_policy(spec: str) -> Policy:
     for term in text.split("+") if text else []:
         match = re.fullmatch(r"oneof\((.*)\)", term)
         names = tuple(match.group(1).split(",")) if match else (term,)
-        if term == "patch" and not patch:
-            patch = True
+        if term in PATCHES and not patch:
+            patch = term
         elif not all(n in CORRUPTIONS for n in names):
             raise ValueError(f"Invalid corruption policy {spec!r} (bad term {term!r}); {valid}.")
         elif match and kinds is not None:
@@ -538,8 +614,8 @@ def parse_policy(spec: str) -> Policy:
         raise ValueError(f"Invalid corruption policy {spec!r}: each corruption may appear once; {valid}.")
     if kinds is None or len(kinds) == 1:  # a plain sequence: its first corruption is the (only) kind
         before, kinds, after = [], tuple(sequence[:1]), sequence[1:]
-    return Policy(patch=patch, kinds=kinds, spec=_canonical(patch, before, kinds, after), before=tuple(before),
-                  after=tuple(after))
+    return Policy(patch=bool(patch), kinds=kinds, spec=_canonical(patch, before, kinds, after),
+                  before=tuple(before), after=tuple(after), patch_kind=patch or "patch")
 
 
 def _apply_in_order(key, image, names):
@@ -570,7 +646,7 @@ def corrupt_image(key, image, policy):
         out = jax.lax.switch(kind, branches, k_corrupt, out)
     out = _apply_in_order(jax.random.fold_in(k_kind, 2), out, policy.after)
     if policy.patch:
-        out, mask = line_patch(k_patch, out)
+        out, mask = PATCHES[policy.patch_kind](k_patch, out)
     else:
         mask = jnp.zeros(image.shape[:2] + (1,), jnp.float32)
     return out, mask, kind
@@ -585,6 +661,94 @@ def corrupt_batch(key, images, policy):
         policy = parse_policy(policy)
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda k, x: corrupt_image(k, x, policy))(keys, images)
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+# Train-time changes of the clean slice itself (target and input alike, before any corruption): the
+# differences between scanners, sites and populations that a model must not mistake for artifacts.
+
+__all__ += ["geometry_jitter", "gamma_contrast", "AUGMENTATIONS", "parse_augmentation", "augment_batch"]
+
+
+def _warp(x, matrix, offset):
+    """(H, W, C) float32 image resampled at ``matrix @ (r, c) + offset`` for every output pixel (r, c) about the
+    image centre (bilinear, zero outside)."""
+    height, width = x.shape[0], x.shape[1]
+    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                              indexing="ij")
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    source = [cy + matrix[0, 0] * (rows - cy) + matrix[0, 1] * (cols - cx) + offset[0],
+              cx + matrix[1, 0] * (rows - cy) + matrix[1, 1] * (cols - cx) + offset[1]]
+
+    def one_channel(channel):
+        return jax.scipy.ndimage.map_coordinates(channel, source, order=1, mode="constant", cval=0.0)
+
+    return jax.vmap(one_channel, in_axes=2, out_axes=2)(x)
+
+
+def geometry_jitter(key, image, max_degrees=8.0, scale_range=(0.9, 1.1), aspect_range=(0.8, 1.25),
+                    max_shift=0.04, flip_probability=0.5):
+    """A small random affine change of pose and shape: rotation theta ~ U(-max_degrees, max_degrees), isotropic
+    scale ~ U(scale_range), a column/row aspect ~ U(aspect_range) (slices resized with anisotropic pixels, as the
+    thesis did), a shift ~ U(-max_shift, max_shift) of each side, and a left-right flip with probability
+    ``flip_probability``; bilinear, the slice minimum outside. No change at all (theta 0, scales 1, no shift, no
+    flip) is the identity."""
+    k_angle, k_scale, k_aspect, k_shift, k_flip = jax.random.split(key, 5)
+    theta = jax.random.uniform(k_angle, (), jnp.float32, -max_degrees, max_degrees) * (jnp.pi / 180.0)
+    scale = jax.random.uniform(k_scale, (), jnp.float32, *scale_range)
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (), jnp.float32, *jnp.log(jnp.asarray(aspect_range))))
+    flip = jnp.where(jax.random.bernoulli(k_flip, flip_probability), -1.0, 1.0)
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    # Output -> input: undo the scales (rows by scale, columns by scale * aspect, flipped), then the rotation.
+    matrix = jnp.array([[cos, -sin], [sin, cos]]) @ jnp.diag(jnp.stack([1.0 / scale, flip / (scale * aspect)]))
+    shift = jax.random.uniform(k_shift, (2,), jnp.float32, -max_shift, max_shift) * jnp.array(image.shape[:2])
+    x = image.astype(jnp.float32)
+    low = jnp.min(x)
+    return (_warp(x - low, matrix, shift) + low).astype(image.dtype)
+
+
+def gamma_contrast(key, image, gamma_range=(0.7, 1.4)):
+    """Another scanner's contrast curve: the slice (taken in its own [0, 1] range) to the power gamma, log-uniform
+    in ``gamma_range``. gamma = 1 is the identity (up to the range mapping)."""
+    gamma = jnp.exp(jax.random.uniform(key, (), jnp.float32, *jnp.log(jnp.asarray(gamma_range))))
+    x = image.astype(jnp.float32)
+    low, high = jnp.min(x), jnp.max(x)
+    unit = (x - low) / jnp.maximum(high - low, 1e-6)
+    return (unit ** gamma * (high - low) + low).astype(image.dtype)
+
+
+AUGMENTATIONS: dict[str, Callable] = {
+    "geometry": geometry_jitter,
+    "contrast": gamma_contrast,
+    "bias": functools.partial(bias_field, order=3, max_coefficient=0.3),
+    "noise": functools.partial(rician_noise, snr_range=(100.0, 400.0)),
+}
+NAMED_AUGMENTATIONS = {"site": "geometry+contrast+bias+noise", "none": ""}
+
+
+def parse_augmentation(spec: str) -> tuple[str, ...]:
+    """The augmentations of a spec: a name in NAMED_AUGMENTATIONS or '+'-joined names of AUGMENTATIONS (in Python,
+    once); ValueError for anything else."""
+    text = NAMED_AUGMENTATIONS.get(re.sub(r"\s+", "", spec or "").lower(), spec or "")
+    names = tuple(term for term in text.split("+") if term)
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown or len(set(names)) < len(names):
+        raise ValueError(f"Invalid augmentation {spec!r}; use {', '.join(NAMED_AUGMENTATIONS)} or '+'-joined "
+                         f"names among {', '.join(AUGMENTATIONS)}, each once.")
+    return names
+
+
+def augment_batch(key, images, names: tuple[str, ...]):
+    """Each slice of an NHWC batch changed by the named augmentations in order (its own key each), then min-max
+    normalised again per slice to [0, 1], the frame of clean slices."""
+    def one(k, image):
+        for index, name in enumerate(names):
+            image = AUGMENTATIONS[name](jax.random.fold_in(k, index), image)
+        x = image.astype(jnp.float32)
+        low, high = jnp.min(x), jnp.max(x)
+        return ((x - low) / jnp.where(high > low, high - low, 1.0)).astype(images.dtype)
+
+    return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
 
 # ---- synthetic anomalies (lesion generator; issue 6) ----
 

@@ -100,7 +100,7 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
     n_subjects = len(dataset.val_subjects)
     shown = np.unique(np.linspace(0, len(images) - 1, SHOWN_SLICES).astype(int))
     results, catalogue_scores = {}, []
-    for name, spec in evaluation_policies(cfg.corruptions, kinds).items():
+    for name, spec in evaluation_policies(cfg.eval_policy, kinds).items():
         logging.info("Evaluating %s (%s) on %d slices.", name, spec, len(images))
         policy = train.parse_policy(spec)
         _, slices = train.evaluate_slices(_eval_step(run.graphdef, policy, cfg.seed), run.params, images,

@@ -113,3 +113,28 @@ def save_ssim_change(path, records: list[dict]) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def save_runs_vs_time(path, runs: list[tuple[str, list[dict]]], references: list[tuple[str, float, float]]) -> None:
+    """Validation SSIM of several runs against training minutes: standard 2-D SSIM (left) and the thesis's own
+    metric (right), slices solid and patches dashed; each reference (label, slice, patch) as dotted lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, prefix, title in zip(axes, ("", "thesis_"), ("standard 2-D SSIM", "thesis-compatible SSIM")):
+        for index, (label, records) in enumerate(runs):
+            minutes = [r["wall_time_s"] / 60.0 for r in records]
+            for part, style in (("slice", "-"), ("patch", "--")):
+                values = [r.get(f"{prefix}ssim_{part}") for r in records]
+                if any(v is not None for v in values):
+                    ax.plot(minutes, values, style, marker="o", markersize=2.5, color=f"C{index}",
+                            label=f"{label}, {part}s")
+        if prefix:
+            for index, (label, ssim_slice, ssim_patch) in enumerate(references):
+                for value, part in ((ssim_slice, "slices"), (ssim_patch, "patches")):
+                    ax.axhline(value, linestyle=":", color=f"C{len(runs) + index}", label=f"{label}, {part}")
+        ax.set_title(title)
+        ax.set_xlabel("training time (min)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("validation SSIM")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mrirecon_jax import corruptions
+from mrirecon_jax import corruptions, plots
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, Workdir, write_atomically
 
@@ -65,7 +65,7 @@ THESIS_ROWS = (
 
 def thesis_row_for(cfg: Config) -> Optional[ThesisRow]:
     """The thesis's row for the same image size, plane, corruptions, slab and number of subjects, if any."""
-    data = THESIS_POLICIES.get(_canonical_policy(cfg.corruptions))
+    data = THESIS_POLICIES.get(_canonical_policy(cfg.eval_policy))
     subjects = 100 if cfg.max_subjects == 100 else 581
     for row in THESIS_ROWS:
         same_slab = (cfg.slices == row.slices if cfg.slab_mm is None
@@ -175,12 +175,28 @@ def _figures(run: _Run, output_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def _time_figure(runs: Sequence[_Run], output: Path) -> list[str]:
+    """The runs' validation SSIM against training minutes, beside the thesis's best epochs for their settings;
+    drawn beside the report as <report>_ssim_vs_time.png."""
+    path = output.with_name(f"{output.stem}_ssim_vs_time.png")
+    references = {(row.table, row.image_size, row.data, row.slices, row.plane, row.subjects): row
+                  for row in (thesis_row_for(run.cfg) for run in runs) if row is not None}
+    plots.save_runs_vs_time(path, [(run.label, run.records) for run in runs],
+                            [(f"thesis {row.table} {row.image_size} px {row.data}, best epoch", *row.ssim)
+                             for row in references.values()])
+    return [f"![validation SSIM against training time]({path.name})", "",
+            "Validation SSIM of every run against its training minutes on the machine that trained it (standard "
+            "2-D SSIM left; the thesis's own metric right, beside the thesis's best epoch, dotted).", ""]
+
+
 def write_report(workdirs: Sequence[str], output) -> Path:
-    """Write the Markdown report of the evaluated runs in `workdirs` to `output`; return its path."""
+    """Write the Markdown report of the evaluated runs in `workdirs` to `output` (and its SSIM-against-time
+    figure beside it); return its path."""
     output = Path(output)
     if output.exists() and not (output.is_file() and output.read_text(errors="replace").startswith(MARKER)):
         raise UserError(f"{output} exists and is not a report written by --mode=report; choose another --output.")
     runs = [_read_run(w) for w in workdirs]
+    output.parent.mkdir(parents=True, exist_ok=True)
     per_slice_note = (
         "h/epoch: the run's median training seconds per slice (from `wall_time_s` in its metrics.jsonl, "
         "compilation excluded) times the slices of the thesis's epoch for that setting (80 % of its subjects x "
@@ -200,17 +216,18 @@ def write_report(workdirs: Sequence[str], output) -> Path:
         header, "|" + "---|" * 10, *[line for run in runs for line in _main_rows(run)], "",
         per_slice_note, f"The runs' own epochs: {own_epochs}.", "",
         "## Model against the best baseline, per corruption kind", "",
-        "Each catalogue kind is evaluated as `patch+KIND`; `original` is the run's own policy; `overall` pools "
+        "Each catalogue kind is evaluated as `patch+KIND`; `run_policy` is the run's own policy; `overall` pools "
         "the catalogue kinds. Best baseline: highest slice SSIM among the baselines below.", "",
         "| run | kind | policy | model SSIM slices | model SSIM patches | model PSNR slices | best baseline | "
         "baseline SSIM slices | baseline SSIM patches | baseline PSNR slices | SSIM gain |",
         "|" + "---|" * 11, *[line for run in runs for line in _kind_rows(run)], "",
         "Baselines: " + "; ".join(f"`{k}`: {v}" for k, v in runs[0].evaluation["baseline_definitions"].items())
         + ".", "",
+        "## Quality against training time", "",
+        *_time_figure(runs, output),
         "## Figures", "",
         *[line for run in runs for line in _figures(run, output.parent)],
     ]
-    output.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     write_atomically(output, lambda temp: Path(temp).write_text(text))
     return output

@@ -37,13 +37,14 @@ from mrirecon_jax.workdir import Workdir
 
 TRAIN_KEY, EVAL_KEY, INIT_KEY = 0, 1, 2  # fold_in tags that separate the uses of the run's seed
 COLLAPSE_STD = 1e-3  # validation outputs with a smaller standard deviation are a collapsed (constant) model
+THESIS_SUMMARY = ("thesis_ssim_slice", "thesis_ssim_patch")  # the thesis's own SSIM, logged beside the standard
 
 
 # ----------------------------------------------------------------------------------------------- the model
 
 def build_model(cfg: Config) -> unet.UNet:
     """The U-Net that `cfg` describes, initialised from the run's seed."""
-    spec = unet.checked_spec(cfg.model, cfg.output_activation, cfg.image_size, cfg.dtype, cfg.conv_impl)
+    spec = unet.checked_spec(cfg.model, cfg.output_activation, cfg.norm, cfg.image_size, cfg.dtype, cfg.conv_impl)
     key = jax.random.fold_in(jax.random.key(cfg.seed), INIT_KEY)
     return unet.UNet(spec, dtype=unet.DTYPES[cfg.dtype], conv_impl=cfg.conv_impl, rngs=nnx.Rngs(params=key))
 
@@ -98,15 +99,31 @@ def restore_model(workdir, checkpoint: str = "best") -> TrainedModel:
 
 # ----------------------------------------------------------------------------------------------- the steps
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """Adam with the run's learning rate (the thesis: 1e-4)."""
-    return optax.adam(cfg.learning_rate)
+LR_SCHEDULES = ("constant", "cosine")
 
 
-def init_train_state(cfg: Config, mesh: jax.sharding.Mesh):
-    """(graphdef, tx, state) with the state (params, optimizer state, step) replicated over the mesh."""
+def learning_rate_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
+    """The run's learning rate per step: a linear warm-up over cfg.warmup_steps, then constant or a cosine decay
+    to zero at `total_steps` (the run's planned end)."""
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"Unknown --lr_schedule={cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1))
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+                                 optax.constant_schedule(cfg.learning_rate)], [warmup])
+
+
+def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    """Adam with the run's learning rate and schedule (the thesis: constant 1e-4)."""
+    return optax.adam(learning_rate_schedule(cfg, total_steps))
+
+
+def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, total_steps: int = 1000):
+    """(graphdef, tx, state) with the state (params, optimizer state, step) replicated over the mesh; the
+    learning-rate schedule ends at `total_steps`."""
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, total_steps)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     return graphdef, tx, jax.device_put(state, NamedSharding(mesh, P()))
 
@@ -117,18 +134,36 @@ def reconstruct_corrupted(apply: Callable, params, corrupted):
     return denormalise(apply(params, x), offset, scale)
 
 
+def parse_augmentation(spec: str) -> tuple[str, ...]:
+    """The train-time augmentations of --augment, with a bad spec reported as a UserError."""
+    try:
+        return corruptions.parse_augmentation(spec)
+    except ValueError as err:
+        raise UserError(f"--augment={spec!r}: {err}") from None
+
+
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     policy: corruptions.Policy) -> Callable:
-    """Jitted (state, clean batch) -> (state, loss), the state donated."""
+    """Jitted (state, clean batch) -> (state, loss), the state donated.
+
+    Each step augments the clean batch (cfg.augment), corrupts it (`policy`), normalises the corrupted slices,
+    and scores the model's output, mapped back, against the (augmented) clean slices; with cfg.patch_weight the
+    patched pixels weigh 1 + patch_weight in the loss.
+    """
     loss_fn = losses.get_loss(cfg.loss)
+    augmentations = parse_augmentation(cfg.augment)
     apply = model_apply(graphdef)
     train_key = jax.random.fold_in(jax.random.key(cfg.seed), TRAIN_KEY)
 
     def train_step(state, clean):
-        corrupted, _, _ = corruptions.corrupt_batch(jax.random.fold_in(train_key, state["step"]), clean, policy)
+        key = jax.random.fold_in(train_key, state["step"])
+        if augmentations:
+            clean = corruptions.augment_batch(jax.random.fold_in(key, 1), clean, augmentations)
+        corrupted, masks, _ = corruptions.corrupt_batch(key, clean, policy)
+        weights = 1.0 + cfg.patch_weight * masks if cfg.patch_weight else None
 
         def objective(params):
-            return loss_fn(reconstruct_corrupted(apply, params, corrupted), clean)
+            return loss_fn(reconstruct_corrupted(apply, params, corrupted), clean, weights)
 
         loss, grads = jax.value_and_grad(objective)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -167,8 +202,8 @@ def evaluate_slices(eval_step: Callable, params, images: np.ndarray, batch_size:
     """Corrupt every slice with its fixed key, reconstruct, and average the metrics over all slices.
 
     Returns (summary, samples): summary holds the means of metrics.SLICE_METRICS (patch values averaged over the
-    slices that have a patch), the same for the corrupted input under "input_*", per-kind SSIM, and the output
-    standard deviation; samples holds the first batch's corrupted inputs, outputs and masks (numpy), or with
+    slices that have a patch) and of the thesis's own SSIM (THESIS_SUMMARY), the same standard metrics for the
+    corrupted input under "input_*", per-kind SSIM, and the output standard deviation; samples holds the first batch's corrupted inputs, outputs and masks (numpy), or with
     `keep_all` those of every slice in order (and "clean"), with each slice's metrics under "per_slice".
     """
     n_dev = mesh.devices.size
@@ -184,8 +219,11 @@ def evaluate_slices(eval_step: Callable, params, images: np.ndarray, batch_size:
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)])
         out, (corrupted, pred, masks) = eval_step(params, jax.device_put(batch, sharding),
                                                   jax.device_put(indices, sharding))
+        out = {name: np.asarray(values)[:count] for name, values in out.items()}
+        thesis = metrics.thesis_metrics(np.asarray(pred)[:count], batch[:count], np.asarray(masks)[:count])
+        out.update(thesis_ssim_slice=thesis["ssim_slice"], thesis_ssim_patch=thesis["ssim_patch"])
         for name, values in out.items():
-            per_slice.setdefault(name, []).append(np.asarray(values)[:count])
+            per_slice.setdefault(name, []).append(values)
         if keep_all or not kept:
             for name, array in (("corrupted", corrupted), ("reconstructed", pred), ("masks", masks), ("clean", batch)):
                 kept.setdefault(name, []).append(np.asarray(array)[:count])
@@ -193,7 +231,7 @@ def evaluate_slices(eval_step: Callable, params, images: np.ndarray, batch_size:
     samples = {name: np.concatenate(parts) for name, parts in kept.items()}
     if keep_all:
         samples["per_slice"] = values
-    summary = {name: float(np.nanmean(values[name])) for name in metrics.SLICE_METRICS}
+    summary = {name: float(np.nanmean(values[name])) for name in metrics.SLICE_METRICS + THESIS_SUMMARY}
     summary.update({f"input_{name}": float(np.nanmean(values[f"input_{name}"])) for name in metrics.SLICE_METRICS})
     output_std = float(np.sqrt(max(np.mean(values["pred_sq_mean"]) - np.mean(values["pred_mean"]) ** 2, 0.0)))
     summary.update(output_std=output_std, collapsed=output_std < COLLAPSE_STD, n_val_slices=int(len(images)))
@@ -235,12 +273,12 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
     """Train (or resume) the run in `workdir`, validating every epoch and when stopping; returns the last summary."""
     work = Workdir(workdir)
     policy = parse_policy(cfg.corruptions)
+    val_policy = parse_policy(cfg.eval_policy, "--val_corruptions")
     mesh = make_mesh()
     if cfg.batch_size % mesh.devices.size:
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the {mesh.devices.size} devices.")
-    graphdef, tx, state = init_train_state(cfg, mesh)  # checks the model flags before the data is read
-    train_step = make_train_step(cfg, graphdef, tx, policy)  # checks the loss
-    eval_step = make_eval_step(graphdef, policy, cfg.seed)
+    # Check every name before the data is read: model, schedule, augmentation, loss.
+    build_model(cfg), learning_rate_schedule(cfg, 1), parse_augmentation(cfg.augment), losses.get_loss(cfg.loss)
     work.check_resumable(cfg)
     dataset = dataset_lib.load_dataset(cfg)
     work.record_config(cfg)
@@ -253,6 +291,9 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    graphdef, tx, state = init_train_state(cfg, mesh, total_steps)
+    train_step = make_train_step(cfg, graphdef, tx, policy)
+    eval_step = make_eval_step(graphdef, val_policy, cfg.seed)
     logging.info("Data: %s; %d train / %d val slices; %d steps per epoch; model %s with %d parameters.",
                  dataset.source, len(dataset.train), len(dataset.val), steps_per_epoch, cfg.model,
                  sum(x.size for x in jax.tree.leaves(state["params"])))
@@ -270,7 +311,7 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
 
     def validate(epoch: float, train_losses: list, log: bool = True) -> tuple[dict, dict]:
         summary, samples = evaluate_slices(eval_step, state["params"], dataset.val, cfg.eval_batch_size, mesh,
-                                           policy.kinds)
+                                           val_policy.kinds)
         train_loss = float(np.mean([float(x) for x in train_losses])) if train_losses else None
         record = {"step": step, "epoch": round(epoch, 4), "wall_time_s": round(meta["train_time_s"], 3),
                   "train_loss": train_loss, **summary}

@@ -3,7 +3,10 @@ tiny trained run on the demo source that the tests needing a model share."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +18,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import nibabel as nib
 import numpy as np
 import pytest
+from absl import flags
 
 from mrirecon_jax import train
 from mrirecon_jax.config import Config
@@ -65,3 +69,33 @@ def tiny_run(tmp_path_factory, cache_dir) -> Path:
     workdir = tmp_path_factory.mktemp("tiny") / "run"
     train.train_and_evaluate(Config(**TINY_RUN, cache_dir=str(cache_dir)), workdir)
     return workdir
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """run.py's main in this process: (exit code, stdout, stderr)."""
+    import run  # run.py defines its absl flags on import
+
+    flags.FLAGS.unparse_flags()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            flags.FLAGS(["run.py", *args])
+            run.main(["run.py"])
+        except SystemExit as exit_:
+            code = exit_.code
+        except flags.Error as error:
+            print(f"FATAL Flags parsing error: {error}", file=sys.stderr)
+            code = 1
+    flags.FLAGS.unparse_flags()
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(code: int, stderr: str) -> str:
+    """The one sentence an error ends with."""
+    assert code == 1, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith(("error: ", "FATAL Flags parsing error"))]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return lines[0]
+
+

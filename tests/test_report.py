@@ -52,8 +52,10 @@ def test_report_of_two_runs(two_runs, tmp_path):
             row = _row(text, f"| {two_runs / run} | {kind} |")
             assert f"| {best} | {entry['baselines'][best]['ssim_slice']:.3f} |" in row
     links = re.findall(r"\]\(([^)]+\.png)\)", text)
-    assert len(links) == (3 + 2) + (3 + 1)  # per run: the three curves and a grid per evaluated policy
+    # per run: the three curves and a grid per evaluated policy; then the runs' SSIM against training time
+    assert len(links) == (3 + 2) + (3 + 1) + 1
     assert all((output.parent / link).is_file() for link in links)
+    assert "REPORT_ssim_vs_time.png" in links
     report.write_report(workdirs, output)  # its own report may be rewritten
 
 

@@ -1,9 +1,7 @@
 """The entry point: the README's main job on the demo source, a tiny model on the shared IXI data, flags that
 come from the config, and every user error as one sentence with exit code 1."""
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import subprocess
@@ -13,7 +11,7 @@ import pytest
 from absl import flags
 
 import run
-from conftest import IXI_DIR, ROOT, needs_ixi, symlink_subset
+from conftest import IXI_DIR, ROOT, cli, error_line, needs_ixi, symlink_subset
 from mrirecon_jax.config import Config
 
 REQUIRED = ("step", "epoch", "wall_time_s", "train_loss", "ssim_slice", "ssim_patch", "psnr_slice", "psnr_patch",
@@ -24,32 +22,6 @@ def run_process(*args, cwd=ROOT):
     """run.py in its own process, as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=900, env={**os.environ})
-
-
-def cli(*args) -> tuple[int, str, str]:
-    """run.py's main in this process: (exit code, stdout, stderr)."""
-    flags.FLAGS.unparse_flags()
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            flags.FLAGS(["run.py", *args])
-            run.main(["run.py"])
-        except SystemExit as exit_:
-            code = exit_.code
-        except flags.Error as error:
-            print(f"FATAL Flags parsing error: {error}", file=sys.stderr)
-            code = 1
-    flags.FLAGS.unparse_flags()
-    return code, out.getvalue(), err.getvalue()
-
-
-def error_line(code: int, stderr: str) -> str:
-    """The one sentence an error ends with."""
-    assert code == 1, stderr[-2000:]
-    lines = [line for line in stderr.splitlines() if line.startswith(("error: ", "FATAL Flags parsing error"))]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
-    return lines[0]
 
 
 def test_every_config_field_is_a_flag_that_overrides_the_experiment():

@@ -7,7 +7,8 @@ scored against the clean slices with scikit-image's SSIM (standard, data range 1
         --output=runs/offsite.json [--shift=site] [--grid=square|thesis] [--subjects=8]
 
 Each held-out subject (the run's validation subjects) gives one file per kind: ``original`` (patch + 2x
-resolution loss), ``gibbs``, ``ghost`` (each patched) and ``patch`` alone, 24 slices of the central axial slab at
+resolution loss), ``gibbs``, ``ghost`` (each patched) and ``patch`` alone (``augmented`` pools the first three,
+the thesis's augmented policy), 24 slices of the central axial slab at
 64 px, each slice in [0, 1] before corruption (the corruption may leave that range, as ringing does). ``--grid``
 picks the pixels: ``square`` pads to a square field of view first (3.75 mm pixels for the 2 mm IXI copy, the
 project's own grid), ``thesis`` resizes the slice straight to 64 x 64 (anisotropic pixels, the thesis's way).
@@ -118,6 +119,11 @@ def to_volume(slices: np.ndarray) -> np.ndarray:
     return np.stack([s[::-1, ::-1].T for s in slices], axis=2)
 
 
+def from_volume(volume: np.ndarray) -> np.ndarray:
+    """Canonical RAS volume (S, S, n) -> its (n, S, S) axial display slices."""
+    return np.stack([volume[:, :, k][::-1, ::-1].T for k in range(volume.shape[2])])
+
+
 def scores(pred: np.ndarray, clean: np.ndarray, masks: np.ndarray) -> dict:
     """Mean slice and patch SSIM, standard (scikit-image, data range 1, pred clipped to [0, 1]) and thesis's."""
     standard_slice, standard_patch = [], []
@@ -156,15 +162,17 @@ def check(workdir, data_dir, subjects: int = 8, shift: str = "none", grid: str =
                 source, output = Path(folder) / f"{subject}_{kind}.nii.gz", Path(folder) / f"{subject}_{kind}_r.nii.gz"
                 nib.Nifti1Image(to_volume(corrupted).astype(np.float32), affine).to_filename(str(source))
                 infer.reconstruct(predictor, source, output, resample_to_input=resample_to_input)
-                repaired = to_volume(nib.as_closest_canonical(nib.load(str(output))).get_fdata(dtype=np.float32))
+                repaired = from_volume(nib.as_closest_canonical(nib.load(str(output))).get_fdata(dtype=np.float32))
                 results[kind]["model"].append((repaired, clean, masks))
                 results[kind]["input"].append((corrupted, clean, masks))
     table = {}
     for kind, methods in results.items():
         table[kind] = {method: scores(*(np.concatenate(part) for part in zip(*triples)))
                        for method, triples in methods.items()}
-    everything = {m: [t for kind in KINDS for t in results[kind][m]] for m in ("model", "input")}
-    table["all"] = {m: scores(*(np.concatenate(part) for part in zip(*triples))) for m, triples in everything.items()}
+    policy_kinds = ("original", "gibbs", "ghost")  # the thesis's augmented policy, each patched
+    everything = {m: [t for kind in policy_kinds for t in results[kind][m]] for m in ("model", "input")}
+    table["augmented"] = {m: scores(*(np.concatenate(part) for part in zip(*triples)))
+                          for m, triples in everything.items()}
     return {"workdir": str(workdir), "subjects": [s for s, _ in readers], "shift": shift, "grid": grid,
             "resample_to_input": resample_to_input, "kinds": table}
 
