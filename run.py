@@ -29,8 +29,10 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 BACKENDS = {"cpu": "cpu", "gpu": "cuda,rocm", "tpu": "tpu"}  # --backend -> jax_platforms
 
 FLAGS = flags.FLAGS
-MODES = ["train", "evaluate", "report", "benchmark", "gallery", "reconstruct", "detect", "detect_eval"]
-flags.DEFINE_enum("mode", "train", MODES, "Which job to run.")
+MODES = ["train", "evaluate", "report", "benchmark", "gallery", "reconstruct", "detect", "detect_eval", "list",
+         "config"]
+flags.DEFINE_enum("mode", "train", MODES, "Which job to run (list: the experiments, one line "
+                  "each; config: print the config that --experiment and the flags give).")
 flags.DEFINE_string("experiment", "default", "Name of a file in experiments/ (without .py) giving the config.")
 flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, figures). "
                     "Default: runs/<experiment>. Rerunning with the same workdir resumes.")
@@ -83,6 +85,12 @@ flags.DEFINE_string("trace_dir", None, "benchmark: write a JAX profiler trace of
 
 def experiment_names() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def experiment_description(name: str) -> str:
+    """The first line of experiments/<name>.py's docstring: what the scenario is and which thesis row it is."""
+    lines = (importlib.import_module(f"experiments.{name}").__doc__ or "").strip().splitlines()
+    return lines[0] if lines else "(no description)"
 
 
 def load_experiment(name: str) -> Config:
@@ -215,9 +223,20 @@ def detect_eval_job():
     print(f"Detection metrics written to {workdir}/detect: metrics.json and cases.png")
 
 
+def config_job():
+    print(config_from_flags().to_json())
+
+
+def list_job():
+    names = experiment_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {experiment_description(name)}")
+
+
 JOBS = {"train": train_job, "evaluate": evaluate_job, "report": report_job, "benchmark": benchmark_job,
         "gallery": gallery_job, "reconstruct": reconstruct_job, "detect": detect_job,
-        "detect_eval": detect_eval_job}
+        "detect_eval": detect_eval_job, "list": list_job, "config": config_job}
 
 
 class _HideLibraryInfo(std_logging.Filter):

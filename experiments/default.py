@@ -1,4 +1,4 @@
-"""What `python run.py` runs: the small U-Net on the demo source, a few minutes on a 2-core CPU."""
+"""What `python run.py` runs (no thesis row): the small U-Net on the demo source, a few minutes on 2 CPU cores."""
 
 from mrirecon_jax.config import Config
 

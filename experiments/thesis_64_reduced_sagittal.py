@@ -1,7 +1,7 @@
-"""Thesis Table 5.3: 100 subjects, 64 x 64 px, 48 mm central sagittal slab, original corruptions."""
+"""Thesis §5.3.3: 100 subjects, 64 x 64 px, 48 mm central sagittal slab, original corruptions."""
 
-from experiments._thesis import thesis_config
+from experiments._thesis import REDUCED_SUBJECTS, thesis_config
 
 
 def get_config():
-    return thesis_config(plane="sagittal", max_subjects=100)
+    return thesis_config(plane="sagittal", max_subjects=REDUCED_SUBJECTS)

@@ -132,7 +132,8 @@ def _main_rows(run: _Run) -> list[str]:
     per_slice = seconds_per_training_slice(run.records, run.cfg.batch_size)
     thesis_epoch = thesis.epoch_slices if thesis else THESIS_SLICES_PER_EPOCH
     hours = None if per_slice is None else per_slice * thesis_epoch / 3600
-    hours_cell = f"{_fmt(hours, 'h')} (this run's machine, {thesis_epoch:,} slices)"
+    with_compilation = "; includes compilation" if _one_interval(run.records) else ""
+    hours_cell = f"{_fmt(hours, 'h')} ({_devices(run)}, {thesis_epoch:,} slices{with_compilation})"
     name = f"**{run.label}** step {run.evaluation['checkpoint_step']}"
     rows = [
         [f"{name}: model", data, slices, *_metric_cells(own), hours_cell],
@@ -151,6 +152,17 @@ def _main_rows(run: _Run) -> list[str]:
     else:
         rows.append(["thesis: no row for this setting", "", "", *[""] * 6, ""])
     return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _one_interval(records: Sequence[dict]) -> bool:
+    """Whether the rate has only the first validation's interval, which holds compilation, to go by."""
+    return not any(cur["step"] > prev["step"] for prev, cur in zip(records, records[1:]))
+
+
+def _devices(run: _Run) -> str:
+    """The devices the run trained on, as its metrics records name them (several if it resumed elsewhere)."""
+    found = list(dict.fromkeys(r["device"] for r in run.records if r.get("device")))
+    return " + ".join(found) or "device not recorded"
 
 
 def _kind_rows(run: _Run) -> list[str]:
@@ -199,11 +211,13 @@ def write_report(workdirs: Sequence[str], output) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     per_slice_note = (
         "h/epoch: the run's median training seconds per slice (from `wall_time_s` in its metrics.jsonl, "
-        "compilation excluded) times the slices of the thesis's epoch for that setting (80 % of its subjects x "
-        f"slices, x3 for its augmented set; {THESIS_SLICES_PER_EPOCH:,} for the original 51-slice set).")
+        "compilation excluded unless the run validated only once) times the slices of the thesis's epoch for that "
+        "setting (80 % of its subjects x slices, x3 for its augmented set; "
+        f"{THESIS_SLICES_PER_EPOCH:,} for the original 51-slice set).")
     own_epochs = "; ".join(
         f"{r.label}: {r.split.get('n_train_slices', '?')} training slices per epoch, "
-        f"{_fmt(_own_hours(r), 'h')} h per own epoch" for r in runs)
+        f"{_fmt(_own_hours(r), 'h')} h per own epoch, {r.records[-1]['epoch']:g} epochs in "
+        f"{r.records[-1]['wall_time_s'] / 60:.1f} min of training on {_devices(r)}" for r in runs)
     header = ("| run | data | slices | SSIM slices | SSIM patches | PSNR slices | PSNR patches | MSE slices | "
               "MSE patches | h/epoch |")
     lines = [

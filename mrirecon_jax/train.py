@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import platform
 import signal
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from mrirecon_jax import corruptions, losses, metrics, plots
+from mrirecon_jax import summaries as summaries_lib
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import dataset as dataset_lib
 from mrirecon_jax.data.normalise import denormalise, normalise_input
@@ -62,6 +65,24 @@ def parse_policy(spec: str, flag: str = "--corruptions") -> corruptions.Policy:
         return corruptions.parse_policy(spec)
     except ValueError as err:
         raise UserError(f"{flag}={spec!r}: {err}") from None
+
+
+def device_description() -> str:
+    """The devices a run trains on, as its metrics record them: "1 x NVIDIA H200", "1 x cpu (AMD EPYC, 2 cores)"."""
+    devices = jax.devices()
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        kind = f"{kind} ({_processor_name()}, {cores} cores)"
+    return f"{len(devices)} x {kind}"
+
+
+def _processor_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -308,15 +329,20 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
         logging.info("Resumed from step %d in %s.", step, workdir)
     step = int(state["step"])
     batch_sharding = NamedSharding(mesh, P("data"))
+    device = device_description()
 
-    def validate(epoch: float, train_losses: list, log: bool = True) -> tuple[dict, dict]:
+    def validate(epoch: float, train_losses: list, log: bool = True, stopped_by=None) -> tuple[dict, dict]:
+        """Validate; with `stopped_by` (planned_end, time_budget or signal) the record is the run's last, and
+        `complete` says whether it reached its planned end or its time budget."""
         summary, samples = evaluate_slices(eval_step, state["params"], dataset.val, cfg.eval_batch_size, mesh,
                                            val_policy.kinds)
         train_loss = float(np.mean([float(x) for x in train_losses])) if train_losses else None
         record = {"step": step, "epoch": round(epoch, 4), "wall_time_s": round(meta["train_time_s"], 3),
-                  "train_loss": train_loss, **summary}
+                  "train_loss": train_loss, **summary, "device": device, "stopped_by": stopped_by,
+                  "complete": stopped_by in ("planned_end", "time_budget")}
         if log:
             work.append_metrics(record)
+            summaries.validation(record, samples)
         logging.info("step %d epoch %.2f: ssim slice %.4f patch %.4f (input %.4f / %.4f), psnr %.2f dB",
                      step, epoch, summary["ssim_slice"], summary["ssim_patch"], summary["input_ssim_slice"],
                      summary["input_ssim_patch"], summary["psnr_slice"])
@@ -334,7 +360,8 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
     segment_start, segment_step = started, step
     stopped_early = False
     with _StopRequest() as stop, tqdm(total=total_steps, initial=step, unit="step", disable=None,
-                                      dynamic_ncols=True) as bar:
+                                      dynamic_ncols=True) as bar, \
+            summaries_lib.TrainingSummaries(work.tensorboard_dir, jax.process_index() == 0, step) as summaries:
         while step < total_steps:
             epoch, within = divmod(step, steps_per_epoch)
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(dataset.train))
@@ -349,13 +376,16 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
                 now = time.perf_counter()
                 rate = (step - segment_step) * cfg.batch_size / max(now - segment_start, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+                summaries.training(step, loss_value, rate)
             meta["train_time_s"] += now - started
             started = now
             out_of_time = (cfg.max_train_minutes is not None
                            and meta["train_time_s"] >= 60.0 * cfg.max_train_minutes)
             stopping = out_of_time or stop.requested  # read once: a signal may arrive while checkpointing
             if step % steps_per_epoch == 0 or step == total_steps or stopping:
-                record, samples = validate(step / steps_per_epoch, train_losses)
+                stopped_by = ("planned_end" if step == total_steps else "time_budget" if out_of_time
+                              else "signal" if stopping else None)
+                record, samples = validate(step / steps_per_epoch, train_losses, stopped_by=stopped_by)
                 train_losses = []
                 checkpoint(record)
                 segment_start, segment_step = time.perf_counter(), step

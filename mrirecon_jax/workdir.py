@@ -3,7 +3,7 @@
     WORKDIR/config.json     the run's Config            WORKDIR/checkpoints/   orbax: params, opt_state, meta
     WORKDIR/split.json      data source and subjects    WORKDIR/eval/          the evaluate job's metrics and figures
     WORKDIR/metrics.jsonl   one record per validation   WORKDIR/detect/        the detect_eval job's metrics and figures
-    WORKDIR/samples.png     validation samples
+    WORKDIR/samples.png     validation samples          WORKDIR/events.out.tfevents.*   TensorBoard (tensorboardX)
 
 JSON is written atomically (a temporary file, then a rename) with non-finite numbers as ``null``.
 """
@@ -103,6 +103,11 @@ class Workdir:
     @property
     def samples_file(self) -> Path:
         return self.path / SAMPLES_FILE
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where training's TensorBoard event files go: the workdir itself, beside metrics.jsonl."""
+        return self.path
 
     @property
     def eval_dir(self) -> Path:
@@ -259,6 +264,12 @@ class Workdir:
     def read_evaluation(self) -> dict:
         self.require_run()
         return read_json(self.eval_dir / METRICS_JSON, f"run --mode=evaluate --workdir={self.path} first")
+
+    def evaluation_is_current(self) -> bool:
+        """Whether the evaluate job's metrics exist and are newer than the last training record (a run trained on
+        after its evaluation has a stale one)."""
+        evaluation, records = self.eval_dir / METRICS_JSON, self.file(METRICS_FILE)
+        return evaluation.is_file() and records.is_file() and evaluation.stat().st_mtime >= records.stat().st_mtime
 
     def write_detection(self, results: dict) -> Path:
         return write_json(self.output_dir(DETECT_DIR) / METRICS_JSON, results)

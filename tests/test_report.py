@@ -39,6 +39,9 @@ def test_report_of_two_runs(two_runs, tmp_path):
     model_row = _row(text, f"| **{workdirs[0]}** step {evaluation['checkpoint_step']}: model |").split(" | ")
     assert model_row[3:9] == [f"{own['ssim_slice']:.3f}", f"{own['ssim_patch']:.3f}", f"{own['psnr_slice']:.2f}",
                               f"{own['psnr_patch']:.2f}", f"{own['mse_slice']:.2g}", f"{own['mse_patch']:.2g}"]
+    # h/epoch on this device; one validation only (max_steps=1), so its interval holds compilation
+    assert model_row[9].endswith(f" ({train.device_description()}, 23,715 slices; includes compilation) |")
+    assert f"on {train.device_description()}" in text  # beside each run's own epochs and training time
     compat = _row(text, f"| **{workdirs[0]}** step {evaluation['checkpoint_step']}: model, thesis-compatible")
     assert f"| {own['thesis_compat']['ssim_slice']:.3f} |" in compat
     # The thesis's Table 5.2 row (32 px, original, 51 slices) sits beside the first run; none for the second.

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import struct
 import threading
 import time
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mrirecon_jax import train
+from mrirecon_jax import summaries, train
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.workdir import Workdir
 
@@ -99,8 +100,13 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
     assert resumed["step"] == straight["step"] == 7
     for name in ("ssim_slice", "ssim_patch", "psnr_slice", "mse_slice"):
         assert resumed[name] == pytest.approx(straight[name], rel=1e-6, abs=1e-7)
-    steps_logged = [r["step"] for r in _records(tmp_path, "interrupted")]
+    records = _records(tmp_path, "interrupted")
+    steps_logged = [r["step"] for r in records]
     assert steps_logged[0] == 3 and steps_logged[-1] == 7 and steps_logged == sorted(steps_logged)
+    # Each session's last record marks its planned end (max_steps); the epoch records in between do not.
+    complete = [(r["step"], r["stopped_by"]) for r in records if r["complete"]]
+    assert complete == [(3, "planned_end"), (7, "planned_end")]
+    assert all(r["stopped_by"] is None for r in records if not r["complete"])
     assert (tmp_path / "interrupted" / "samples.png").stat().st_size > 10_000
     split = json.loads((tmp_path / "interrupted" / "split.json").read_text())
     assert not set(split["train_subjects"]) & set(split["val_subjects"])
@@ -110,7 +116,9 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
 def test_time_budget_stops_with_a_final_validation_and_checkpoint(tmp_path):
     record = _run(tmp_path, "budget", max_train_minutes=1e-6)
     assert record["stopped_early"] and record["step"] == 1
-    assert _records(tmp_path, "budget")[-1]["step"] == 1
+    last = _records(tmp_path, "budget")[-1]
+    assert last["step"] == 1 and last["complete"] and last["stopped_by"] == "time_budget"
+    assert last["device"] == train.device_description() and last["device"].startswith(f"{jax.device_count()} x ")
     assert (tmp_path / "budget" / "checkpoints" / "1").is_dir()
 
 
@@ -152,4 +160,52 @@ def test_sigterm_stops_with_a_checkpoint_and_a_final_record_and_restores_the_han
     assert record["stopped_early"] and 2 <= record["step"] < 10_000
     last = _records(tmp_path, "term")[-1]
     assert last["step"] == record["step"]
+    assert last["stopped_by"] == "signal" and not last["complete"]  # stopped before its plan: not complete
     assert str(record["step"]) in {p.name for p in (workdir / "checkpoints").iterdir()}
+
+
+def _events(workdir):
+    """Every Event in the workdir's TensorBoard files (TFRecord framing: length, its CRC, data, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_tensorboard_events_hold_every_validation_number_and_sample_images(tiny_run):
+    """Beside metrics.jsonl, the event files hold its every number per validation step, the training loss and
+    images per second, and a sample image; a run that is already complete adds no event file."""
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    scalars, images = {}, {}
+    for event in _events(tiny_run):
+        for value in event.summary.value:
+            if value.HasField("image"):
+                images[value.tag, event.step] = value.image
+            else:
+                scalars[value.tag, event.step] = value.simple_value
+    for record in records:
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                tag = summaries.TRAINING_FIELDS.get(name, f"val/{name}")
+                assert scalars[tag, record["step"]] == pytest.approx(value, rel=1e-6), tag
+        image = images["val/samples", record["step"]]
+        assert (image.height, image.width) == (4 * 32, 4 * 32)  # 4 slices x (input, output, truth, difference)
+    last = records[-1]["step"]
+    assert "val/ssim_slice" in {tag for tag, _ in scalars} and "val/input_ssim_patch" in {tag for tag, _ in scalars}
+    assert scalars["train/images_per_second", last] > 0 and scalars["train/loss", last] > 0
+    files = sorted(tiny_run.glob("events.out.tfevents.*"))
+    train.train_and_evaluate(Workdir(tiny_run).read_config(), tiny_run)  # complete: nothing trained, nothing logged
+    assert sorted(tiny_run.glob("events.out.tfevents.*")) == files
+
+
+def test_only_an_enabled_writer_writes(tmp_path):
+    quiet = summaries.TrainingSummaries(tmp_path, enabled=False)
+    quiet.training(10, 0.5, 100.0)
+    quiet.close()
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,7 @@
+"""Thesis Table 5.1: 64 x 64 px, 151 central axial slices (142 mm slab), augmented corruptions."""
+
+from experiments._thesis import SLAB_151_MM, thesis_config
+
+
+def get_config():
+    return thesis_config(image_size=64, slab_mm=SLAB_151_MM, corruptions="augmented")
