@@ -50,6 +50,8 @@ class Config:
     model: str = _field("small", "U-Net preset.")
     output_activation: Optional[str] = _field(None, "Override the preset's output activation.")
     norm: Optional[str] = _field(None, "Override the preset's normalisation after each convolution.")
+    nonnegative: bool = _field(True, "Clamp reconstructions at zero in the input's units (MRI magnitudes), so "
+                                     "a clean background comes out exactly zero.")
     dtype: str = _field("float32", "Compute dtype of the model.")
     conv_impl: str = _field("auto", "Convolution back end (models/conv.py): auto picks per shape; xla is XLA's own "
                                     "throughout (the reference).")

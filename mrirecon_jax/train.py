@@ -130,7 +130,11 @@ def learning_rate_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
         raise UserError(f"Unknown --lr_schedule={cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if cfg.lr_schedule == "cosine":
+        if not warmup:
+            return optax.cosine_decay_schedule(cfg.learning_rate, max(total_steps, 1))
         return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1))
+    if not warmup:
+        return optax.constant_schedule(cfg.learning_rate)
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
                                  optax.constant_schedule(cfg.learning_rate)], [warmup])
 
@@ -149,10 +153,10 @@ def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, total_steps: int = 10
     return graphdef, tx, jax.device_put(state, NamedSharding(mesh, P()))
 
 
-def reconstruct_corrupted(apply: Callable, params, corrupted):
+def reconstruct_corrupted(apply: Callable, params, corrupted, nonnegative: bool):
     """The model's reconstruction of corrupted slices in their own units: normalised, applied, mapped back."""
     x, offset, scale = normalise_input(corrupted)
-    return denormalise(apply(params, x), offset, scale)
+    return denormalise(apply(params, x), offset, scale, nonnegative)
 
 
 def parse_augmentation(spec: str) -> tuple[str, ...]:
@@ -184,7 +188,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         weights = 1.0 + cfg.patch_weight * masks if cfg.patch_weight else None
 
         def objective(params):
-            return loss_fn(reconstruct_corrupted(apply, params, corrupted), clean, weights)
+            return loss_fn(reconstruct_corrupted(apply, params, corrupted, cfg.nonnegative), clean, weights)
 
         loss, grads = jax.value_and_grad(objective)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -194,7 +198,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, policy: corruptions.Policy, seed: int) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, policy: corruptions.Policy, seed: int, nonnegative: bool) -> Callable:
     """Jitted (params, clean batch, slice indices) -> (per-slice metrics, (corrupted, reconstruction, masks)).
 
     One fixed key per validation slice (from the seed and the slice's index), so results depend neither on the
@@ -206,7 +210,7 @@ def make_eval_step(graphdef: nnx.GraphDef, policy: corruptions.Policy, seed: int
     def eval_step(params, clean, slice_indices):
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(eval_key, slice_indices)
         corrupted, masks, kinds = jax.vmap(corruptions.corrupt_image, in_axes=(0, 0, None))(keys, clean, policy)
-        pred = reconstruct_corrupted(apply, params, corrupted)
+        pred = reconstruct_corrupted(apply, params, corrupted, nonnegative)
         out = metrics.slice_metrics(pred, clean, masks)
         out.update({f"input_{k}": v for k, v in metrics.slice_metrics(corrupted, clean, masks).items()})
         out.update(kind=kinds, pred_mean=jnp.mean(pred, axis=(1, 2, 3)),
@@ -314,7 +318,7 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
     graphdef, tx, state = init_train_state(cfg, mesh, total_steps)
     train_step = make_train_step(cfg, graphdef, tx, policy)
-    eval_step = make_eval_step(graphdef, val_policy, cfg.seed)
+    eval_step = make_eval_step(graphdef, val_policy, cfg.seed, cfg.nonnegative)
     logging.info("Data: %s; %d train / %d val slices; %d steps per epoch; model %s with %d parameters.",
                  dataset.source, len(dataset.train), len(dataset.val), steps_per_epoch, cfg.model,
                  sum(x.size for x in jax.tree.leaves(state["params"])))

@@ -53,6 +53,8 @@ def normalise_input(x):
     return ((x.astype(jnp.float32) - offset) / scale).astype(x.dtype), offset, scale
 
 
-def denormalise(y, offset, scale):
-    """The inverse of normalise_input's affine, applied to a model output."""
-    return y.astype(jnp.float32) * scale + offset
+def denormalise(y, offset, scale, nonnegative: bool = False):
+    """The inverse of normalise_input's affine, applied to a model output; with `nonnegative`, clamped at zero in
+    the input's units (MRI magnitudes are not negative, and an exact zero background is what a clean slice has)."""
+    out = y.astype(jnp.float32) * scale + offset
+    return jnp.maximum(out, 0.0) if nonnegative else out
