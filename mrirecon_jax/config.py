@@ -45,7 +45,7 @@ class Config:
                                                   "--corruptions), to train on one policy and measure on another.")
     augment: str = _field("", "Train-time augmentation of the clean slices, target and input alike: site (= "
                               "geometry+contrast+bias+noise), none, or '+'-joined names among geometry, contrast, "
-                              "bias, noise.")
+                              "bias, noise, noise_wide.")
     # Model.
     model: str = _field("small", "U-Net preset.")
     output_activation: Optional[str] = _field(None, "Override the preset's output activation.")

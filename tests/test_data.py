@@ -230,6 +230,16 @@ def test_input_normalisation_ignores_units_and_outliers():
     assert float(jnp.abs(constant).max()) == 0.0 and float(unit[0, 0, 0, 0]) == 1.0
 
 
+def test_nonnegative_output_clamps_only_below_zero_in_input_units():
+    """A model output mapped back below zero becomes exactly zero (a clean background); the rest is untouched."""
+    y = jnp.asarray([[-0.3, 0.0, 0.5, 1.2]]).reshape(1, 2, 2, 1)
+    offset, scale = jnp.full((1, 1, 1, 1), -0.1), jnp.full((1, 1, 1, 1), 2.0)
+    plain = normalise.denormalise(y, offset, scale)
+    clamped = normalise.denormalise(y, offset, scale, nonnegative=True)
+    np.testing.assert_allclose(np.asarray(plain).ravel(), [-0.7, -0.1, 0.9, 2.3], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(clamped).ravel(), [0.0, 0.0, 0.9, 2.3], atol=1e-6)
+
+
 # --- subjects -----------------------------------------------------------------------------------------
 
 
