@@ -38,7 +38,7 @@ ZERO_STRENGTH = {
     "ghost_wide": dict(intensity_range=(0.0, 0.0)),
 }
 # Kinds that may return the real part of their k-space edit (so values below 0).
-SIGNED = {"gibbs_wide", "ghost_wide"}
+SIGNED = {"gibbs_wide", "ghost_wide", "downsample_wide"}  # real parts; Lanczos and cubic filters undershoot
 
 
 def all_kinds(key, image):
