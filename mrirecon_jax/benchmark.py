@@ -143,8 +143,8 @@ def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3, trace_dir
     with_corruptions = _time_train_step(cfg, mesh, batch, steps, warmup, trace_dir)
     without = _time_train_step(cfg.replace(corruptions="none"), mesh, batch, steps, warmup)
     apply = train.model_apply(with_corruptions["graphdef"])
-    reconstruct = jax.jit(lambda params, x: train.reconstruct_corrupted(apply, params, x, cfg.nonnegative)).lower(
-        with_corruptions["params"], batch).compile()
+    reconstruct = jax.jit(lambda params, x: train.reconstruct_corrupted(apply, params, x, cfg.nonnegative))
+    reconstruct = reconstruct.lower(with_corruptions["params"], batch).compile()
     for _ in range(warmup):
         reconstruct(with_corruptions["params"], batch).block_until_ready()
     infer_s, _, _ = _median_seconds(lambda: reconstruct(with_corruptions["params"], batch).block_until_ready(),

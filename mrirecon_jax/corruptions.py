@@ -722,7 +722,7 @@ AUGMENTATIONS: dict[str, Callable] = {
     "contrast": gamma_contrast,
     "bias": functools.partial(bias_field, order=3, max_coefficient=0.3),
     "noise": functools.partial(rician_noise, snr_range=(100.0, 400.0)),
-    # From SNR 15 to none at all, uniform in 1 / SNR: noisier scanners, with half the slices nearly clean.
+    # From SNR 15 to none at all, uniform in 1 / SNR: noisier scanners; half the slices above SNR 30.
     "noise_wide": functools.partial(rician_noise, snr_range=(15.0, float("inf"))),
 }
 NAMED_AUGMENTATIONS = {"site": "geometry+contrast+bias+noise", "none": ""}

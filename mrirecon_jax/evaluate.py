@@ -103,8 +103,8 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
     for name, spec in evaluation_policies(cfg.eval_policy, kinds).items():
         logging.info("Evaluating %s (%s) on %d slices.", name, spec, len(images))
         policy = train.parse_policy(spec)
-        _, slices = train.evaluate_slices(_eval_step(run.graphdef, policy, cfg.seed, cfg.nonnegative), run.params, images,
-                                          cfg.eval_batch_size, mesh, keep_all=True)
+        eval_step = _eval_step(run.graphdef, policy, cfg.seed, cfg.nonnegative)
+        _, slices = train.evaluate_slices(eval_step, run.params, images, cfg.eval_batch_size, mesh, keep_all=True)
         slice_kinds = [policy.kinds[i] if policy.kinds else None for i in slices["per_slice"]["kind"]]
         outputs = {"model": slices["reconstructed"],
                    **baselines.baseline_outputs(slices["corrupted"], slices["masks"], slice_kinds)}

@@ -80,8 +80,8 @@ def predict(predictor: Predictor, slices: np.ndarray) -> Prediction:
         padded[:len(chunk)] = chunk
         x, offset, scale = _normalise_input(jnp.asarray(padded[..., None], jnp.float32))
         y = predictor.apply(x)
-        for name, array in (("reconstruction", normalise.denormalise(y, offset, scale, predictor.cfg.nonnegative)), ("inputs", x),
-                            ("outputs", y)):
+        reconstruction = normalise.denormalise(y, offset, scale, predictor.cfg.nonnegative)
+        for name, array in (("reconstruction", reconstruction), ("inputs", x), ("outputs", y)):
             parts[name].append(np.asarray(array, np.float32)[:len(chunk), ..., 0])
     return Prediction(**{name: np.concatenate(arrays) for name, arrays in parts.items()})
 

@@ -30,7 +30,8 @@ def test_every_thesis_row_has_exactly_one_scenario():
 def test_experiment_config_is_valid_and_described(name):
     cfg = run.load_experiment(name)
     assert isinstance(cfg, Config) and Config.from_json(cfg.to_json()) == cfg
-    unet.checked_spec(cfg.model, cfg.output_activation, cfg.norm, cfg.image_size, cfg.dtype, cfg.conv_impl)  # its real model
+    # Its real model, as training would build it.
+    unet.checked_spec(cfg.model, cfg.output_activation, cfg.norm, cfg.image_size, cfg.dtype, cfg.conv_impl)
     train.parse_policy(cfg.corruptions)
     description = run.experiment_description(name)
     assert description != "(no description)" and len(description) <= 116

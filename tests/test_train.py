@@ -35,8 +35,8 @@ def _steps(cfg):
     mesh = train.make_mesh()
     graphdef, tx, state = train.init_train_state(cfg, mesh)
     policy = train.parse_policy(cfg.corruptions)
-    return (train.make_train_step(cfg, graphdef, tx, policy), train.make_eval_step(graphdef, policy, cfg.seed, cfg.nonnegative),
-            state, mesh)
+    return (train.make_train_step(cfg, graphdef, tx, policy),
+            train.make_eval_step(graphdef, policy, cfg.seed, cfg.nonnegative), state, mesh)
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
