@@ -15,6 +15,7 @@ import json
 import logging as std_logging
 import os
 import sys
+import traceback
 import typing
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def _define_config_flags() -> list[str]:
 
 
 CONFIG_FLAGS = _define_config_flags()
+
+flags.DEFINE_bool("allow_config_change", False, "train: resume the run in --workdir although settings outside the "
+                  "resumable ones changed; what changed is recorded in config_changes.jsonl there.")
 
 # Flags of the jobs other than training (each job reads only its own).
 flags.DEFINE_string("checkpoint", "best", "evaluate/reconstruct/detect: which checkpoint: best, last or a step.")
@@ -147,7 +151,7 @@ def required_flag(name: str):
 
 def train_job():
     workdir = workdir_flag()
-    summary = train.train_and_evaluate(config_from_flags(), workdir)
+    summary = train.train_and_evaluate(config_from_flags(), workdir, FLAGS.allow_config_change)
     print(json.dumps({k: summary[k] for k in ("step", "epoch", "ssim_slice", "ssim_patch", "psnr_slice",
                                               "psnr_patch", "input_ssim_slice", "stopped_early")}))
     print(f"Run written to {workdir}: config.json, metrics.jsonl, checkpoints/, samples.png")
@@ -254,6 +258,8 @@ def main(argv):
         select_backend(FLAGS.backend)
         JOBS[FLAGS.mode]()
     except UserError as err:
+        if FLAGS.verbosity >= 1:  # --verbosity=1 asks for the traceback too
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

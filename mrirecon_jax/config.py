@@ -36,6 +36,8 @@ class Config:
     max_subjects: Optional[int] = _field(None, "Use at most this many subjects (the thesis's reduced set: 100).")
     cache_dir: Optional[str] = _field(None, "Where preprocessed slices are cached (default "
                                             "$MRIRECON_CACHE_DIR or ~/.cache/mrirecon_jax).")
+    strict: bool = _field(False, "Refuse the whole run when any file of the chosen subjects cannot be used "
+                                 "(by default it is skipped with a warning and listed in split.json).")
     skull_strip: bool = _field(False, "Train on skull-stripped slices (each volume masked by its computed brain "
                                       "mask), for detection on skull-stripped scans.")
     # Corruptions and augmentation.
@@ -69,6 +71,8 @@ class Config:
     max_train_minutes: Optional[float] = _field(None, "Stop (with a final validation and checkpoint) after this "
                                                       "much training wall-clock time.")
     seed: int = _field(0, "Seed for the split, initialisation, corruptions and batch order.")
+    skip_nonfinite: bool = _field(False, "Skip an update whose loss or gradient is not finite (counted in the "
+                                         "metrics) instead of stopping the run there.")
     # Bookkeeping.
     checkpoint_every_steps: Optional[int] = _field(None, "Also checkpoint every N steps (besides every epoch).")
     keep_checkpoints: int = _field(3, "Keep the last N checkpoints (and the best by validation SSIM).")
@@ -120,5 +124,5 @@ class Config:
 # they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset(
     {"epochs", "max_steps", "max_train_minutes", "checkpoint_every_steps", "keep_checkpoints",
-     "eval_batch_size", "cache_dir", "conv_impl"}
+     "eval_batch_size", "cache_dir", "conv_impl", "strict", "skip_nonfinite"}
 )

@@ -26,6 +26,7 @@ import nibabel as nib
 import nibabel.processing
 import numpy as np
 import scipy.ndimage
+from absl import logging
 
 from mrirecon_jax import corruptions, metrics, plots, train
 from mrirecon_jax.config import Config, UserError
@@ -132,7 +133,7 @@ def _beside(output, suffix: str, extension: Optional[str] = None) -> Path:
 
 def _read_mask(path, what: str, input_path, shape) -> np.ndarray:
     """A mask NIfTI that must lie on the input's grid, as a canonical bool volume."""
-    mask, _ = volumes.load_volume(path)
+    mask, _ = volumes.load_volume(path, mask=True)
     if mask.shape != tuple(shape) or not np.allclose(volumes.canonical_affine(path),
                                                      volumes.canonical_affine(input_path), atol=1e-3):
         raise UserError(f"The {what} {path} (shape {mask.shape}) is not on the grid of the input {input_path} "
@@ -179,7 +180,8 @@ def reconstruct(run, input_path, output_path, *, checkpoint: str = "best", resam
     if corrupt:
         train.parse_policy(corrupt, "--corrupt")
     predictor = load_predictor(run, checkpoint)
-    prepared = prepare_volume(*volumes.load_volume(input_path), predictor.cfg, whole_volume=True)
+    prepared = prepare_volume(*volumes.load_volume(input_path), predictor.cfg, whole_volume=True,
+                              name=f"NIfTI file {input_path}")
     inputs = prepared.slices
     if corrupt:
         inputs = _corrupt(inputs, corrupt, predictor.cfg.seed if seed is None else seed)
@@ -204,7 +206,8 @@ def detect(run, input_path, output_path, *, checkpoint: str = "best", brain_mask
     predictor = load_predictor(run, checkpoint)
     volume, zooms = volumes.load_volume(input_path)
     mask = None if brain_mask_path is None else _read_mask(brain_mask_path, "brain mask", input_path, volume.shape)
-    prepared = prepare_volume(volume, zooms, predictor.cfg, whole_volume=True, brain=mask, with_brain=True)
+    prepared = prepare_volume(volume, zooms, predictor.cfg, whole_volume=True, brain=mask, with_brain=True,
+                              name=f"NIfTI file {input_path}")
     prediction = predict(predictor, prepared.slices)
     amap = anomaly_map(prediction.inputs, prediction.outputs, prepared.brain, residual)
     _write(amap, prepared, output_path, input_path, resample_to_input)
@@ -271,14 +274,21 @@ class SyntheticCases:
 
 
 def synthetic_cases(cfg: Config, subjects, seed: int) -> SyntheticCases:
-    """Prepare each (subject, reader) as `cfg` trains (with a computed brain mask) and insert the anomalies, each
-    slice with its own key (seed, kind, slice index)."""
-    clean, brain, owner = [], [], []
-    for index, (_, read) in enumerate(subjects):
-        prepared = prepare_volume(*read(), cfg, with_brain=True)
+    """Prepare each (subject, reader) as `cfg` trains (with a computed brain mask; an unusable file is skipped with
+    a warning) and insert the anomalies, each slice with its own key (seed, kind, slice index)."""
+    clean, brain, owner, kept = [], [], [], []
+    for subject, read in subjects:
+        try:
+            prepared = prepare_volume(*read(), cfg, with_brain=True, name=read.name)
+        except volumes.BadVolume as bad:
+            logging.warning("Skipping a file: %s", bad)
+            continue
         clean.append(prepared.clean()[..., 0])
         brain.append(prepared.brain)
-        owner.append(np.full(len(prepared.slices), index))
+        owner.append(np.full(len(prepared.slices), len(kept)))
+        kept.append(subject)
+    if not kept:
+        raise UserError(f"None of the {len(subjects)} files to evaluate is usable; the warnings above say why.")
     clean, brain, owner = np.concatenate(clean), np.concatenate(brain), np.concatenate(owner)
     anomalous, truth = {}, {}
     for kind_index, kind in enumerate(ANOMALY_KINDS):
@@ -286,7 +296,7 @@ def synthetic_cases(cfg: Config, subjects, seed: int) -> SyntheticCases:
                                                                  jnp.arange(len(clean)))
         images, masks = _anomaly_generator(kind)(keys, jnp.asarray(clean[..., None]), jnp.asarray(brain[..., None]))
         anomalous[kind], truth[kind] = np.asarray(images)[..., 0], (np.asarray(masks)[..., 0] > 0) & brain
-    return SyntheticCases(subjects=[s for s, _ in subjects], clean=clean, brain=brain, owner=owner,
+    return SyntheticCases(subjects=kept, clean=clean, brain=brain, owner=owner,
                           anomalous=anomalous, truth=truth)
 
 

@@ -11,6 +11,7 @@ slice, so the model learns exactly what ``reconstruct`` asks of it. Runs that on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -149,8 +150,14 @@ def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, total_steps: int = 10
     learning-rate schedule ends at `total_steps`."""
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
     tx = make_optimizer(cfg, total_steps)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": tx.init(params), **counters(0)}
     return graphdef, tx, jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def counters(step: int, nonfinite: int = 0) -> dict:
+    """The train state's counters: the step, the updates skipped as non-finite, the first such step (-1: none)."""
+    return {"step": jnp.asarray(step, jnp.int32), "nonfinite": jnp.asarray(nonfinite, jnp.int32),
+            "first_nonfinite": jnp.asarray(-1, jnp.int32)}
 
 
 def reconstruct_corrupted(apply: Callable, params, corrupted, nonnegative: bool):
@@ -173,7 +180,9 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
     Each step augments the clean batch (cfg.augment), corrupts it (`policy`), normalises the corrupted slices,
     and scores the model's output, mapped back, against the (augmented) clean slices; with cfg.patch_weight the
-    patched pixels weigh 1 + patch_weight in the loss.
+    patched pixels weigh 1 + patch_weight in the loss. An update whose loss or gradient is not finite is not
+    applied: the state counts it (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none),
+    for the loop to read when it next syncs, with no host round trip of its own.
     """
     loss_fn = losses.get_loss(cfg.loss)
     augmentations = parse_augmentation(cfg.augment)
@@ -193,7 +202,12 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         loss, grads = jax.value_and_grad(objective)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+        finite = jnp.stack([jnp.isfinite(loss)] + [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]).all()
+        keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        first = jnp.where(~finite & (state["first_nonfinite"] < 0), state["step"], state["first_nonfinite"])
+        return {"params": keep_if_finite(params, state["params"]),
+                "opt_state": keep_if_finite(opt_state, state["opt_state"]), "step": state["step"] + 1,
+                "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32), "first_nonfinite": first}, loss
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -294,8 +308,31 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def train_and_evaluate(cfg: Config, workdir) -> dict:
-    """Train (or resume) the run in `workdir`, validating every epoch and when stopping; returns the last summary."""
+PAUSE_ENV = "MRIRECON_TEST_PAUSE"  # tests only: "<point>@<step>:<file>" makes the loop pause there (pause_point)
+
+
+def pause_point(point: str, step: int) -> None:
+    """A test hook: when $MRIRECON_TEST_PAUSE is "<point>@<step>:<file>", write <file> and wait forever here, for
+    a test to kill the process at a known moment ("step", "validation" or "metrics")."""
+    spec = os.environ.get(PAUSE_ENV)
+    if spec and spec.partition(":")[0] == f"{point}@{step}":
+        Path(spec.partition(":")[2]).write_text(str(os.getpid()))
+        while True:
+            time.sleep(3600)
+
+
+def _mean_finite(values: list) -> float | None:
+    values = np.array([float(x) for x in values], np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
+
+
+def train_and_evaluate(cfg: Config, workdir, allow_config_change: bool = False) -> dict:
+    """Train (or resume) the run in `workdir`, validating every epoch and when stopping; returns the last summary.
+
+    The workdir is locked for the run (a second one is refused). A resumed run must have the recorded config,
+    except RESUMABLE_FIELDS, unless `allow_config_change` (then the changes are recorded).
+    """
     work = Workdir(workdir)
     policy = parse_policy(cfg.corruptions)
     val_policy = parse_policy(cfg.eval_policy, "--val_corruptions")
@@ -304,12 +341,15 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the {mesh.devices.size} devices.")
     # Check every name before the data is read: model, schedule, augmentation, loss.
     build_model(cfg), learning_rate_schedule(cfg, 1), parse_augmentation(cfg.augment), losses.get_loss(cfg.loss)
-    work.check_resumable(cfg)
-    dataset = dataset_lib.load_dataset(cfg)
-    work.record_config(cfg)
-    work.write_split({"source": dataset.source, "train_subjects": list(dataset.train_subjects),
-                      "val_subjects": list(dataset.val_subjects), "n_train_slices": len(dataset.train),
-                      "n_val_slices": len(dataset.val)})
+    work.check_resumable(cfg, allow_config_change)
+    with work.lock():
+        work.check_resumable(cfg, allow_config_change)  # again, now that no other run can change it
+        dataset = dataset_lib.load_dataset(cfg)
+        return _train(cfg, work, dataset, policy, val_policy, mesh, allow_config_change)
+
+
+def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_config_change: bool) -> dict:
+    """The loop of train_and_evaluate, on a locked workdir and a loaded dataset."""
     steps_per_epoch = len(dataset.train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch_size={cfg.batch_size} is larger than the {len(dataset.train)} training slices.")
@@ -324,29 +364,52 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
                  sum(x.size for x in jax.tree.leaves(state["params"])))
 
     manager = work.checkpoint_manager(cfg.keep_checkpoints)
-    meta = {"train_time_s": 0.0}
+    # Checkpointed with the state: training time, updates skipped, and the losses since the last validation (so a
+    # resumed run logs the same train_loss as one never interrupted).
+    meta = {"train_time_s": 0.0, "nonfinite_updates": 0, "interval_losses": []}
+    replicated = NamedSharding(mesh, P())
     if manager.latest_step() is not None:
         step = manager.latest_step()
-        params, opt_state, meta = work.restore_training(manager, step, state["params"], state["opt_state"])
+        params, opt_state, restored = work.restore_training(manager, step, state["params"], state["opt_state"])
+        meta.update(restored)
         state = {"params": params, "opt_state": opt_state,
-                 "step": jax.device_put(jnp.asarray(step, jnp.int32), NamedSharding(mesh, P()))}
-        logging.info("Resumed from step %d in %s.", step, workdir)
+                 **jax.device_put(counters(step, meta["nonfinite_updates"]), replicated)}
+        logging.info("Resumed from step %d in %s.", step, work)
     step = int(state["step"])
+    work.record_config(cfg, allow_config_change, step)
+    work.write_split(dataset.report())
+    if work.keep_metrics_through(step):
+        logging.info("Dropped the metrics lines after step %d, the checkpoint resumed from.", step)
     batch_sharding = NamedSharding(mesh, P("data"))
     device = device_description()
+
+    def check_finite():
+        """Stop the run at a non-finite update unless cfg.skip_nonfinite (then only count it); syncs the step."""
+        skipped = int(state["nonfinite"])
+        if skipped > meta["nonfinite_updates"] and not cfg.skip_nonfinite:
+            last = manager.latest_step()
+            kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was written yet"
+            raise UserError(f"Training hit a non-finite loss or gradient at step {int(state['first_nonfinite']) + 1} "
+                            f"in {work}; {kept}. Lower --learning_rate, or rerun with --skip_nonfinite to skip "
+                            "such updates.")
+        if skipped > meta["nonfinite_updates"]:
+            logging.warning("%d update(s) with a non-finite loss or gradient skipped so far.", skipped)
+        meta["nonfinite_updates"] = skipped
 
     def validate(epoch: float, train_losses: list, log: bool = True, stopped_by=None) -> tuple[dict, dict]:
         """Validate; with `stopped_by` (planned_end, time_budget or signal) the record is the run's last, and
         `complete` says whether it reached its planned end or its time budget."""
         summary, samples = evaluate_slices(eval_step, state["params"], dataset.val, cfg.eval_batch_size, mesh,
                                            val_policy.kinds)
-        train_loss = float(np.mean([float(x) for x in train_losses])) if train_losses else None
+        pause_point("validation", step)
         record = {"step": step, "epoch": round(epoch, 4), "wall_time_s": round(meta["train_time_s"], 3),
-                  "train_loss": train_loss, **summary, "device": device, "stopped_by": stopped_by,
+                  "train_loss": _mean_finite(train_losses), **summary, "device": device,
+                  "nonfinite_updates": meta["nonfinite_updates"], "stopped_by": stopped_by,
                   "complete": stopped_by in ("planned_end", "time_budget")}
         if log:
             work.append_metrics(record)
             summaries.validation(record, samples)
+            pause_point("metrics", step)
         logging.info("step %d epoch %.2f: ssim slice %.4f patch %.4f (input %.4f / %.4f), psnr %.2f dB",
                      step, epoch, summary["ssim_slice"], summary["ssim_patch"], summary["input_ssim_slice"],
                      summary["input_ssim_patch"], summary["psnr_slice"])
@@ -356,14 +419,15 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
         return record, samples
 
     def checkpoint(summary=None):
+        meta["interval_losses"] = [float(x) for x in train_losses]
         work.save_checkpoint(manager, step, state["params"], state["opt_state"], meta, summary)
 
     record, samples = None, None
-    train_losses: list = []
+    train_losses: list = list(meta["interval_losses"])
     started = time.perf_counter()
     segment_start, segment_step = started, step
     stopped_early = False
-    with _StopRequest() as stop, tqdm(total=total_steps, initial=step, unit="step", disable=None,
+    with contextlib.closing(manager), _StopRequest() as stop, tqdm(total=total_steps, initial=step, unit="step", disable=None,
                                       dynamic_ncols=True) as bar, \
             summaries_lib.TrainingSummaries(work.tensorboard_dir, jax.process_index() == 0, step) as summaries:
         while step < total_steps:
@@ -374,9 +438,11 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
             train_losses.append(loss)
             step += 1
             bar.update(1)
+            pause_point("step", step)
             now = time.perf_counter()
             if step % 10 == 0 or step == total_steps:
                 loss_value = float(loss)  # waits for the step: the rate below is honest
+                check_finite()
                 now = time.perf_counter()
                 rate = (step - segment_step) * cfg.batch_size / max(now - segment_start, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
@@ -387,6 +453,7 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
                            and meta["train_time_s"] >= 60.0 * cfg.max_train_minutes)
             stopping = out_of_time or stop.requested  # read once: a signal may arrive while checkpointing
             if step % steps_per_epoch == 0 or step == total_steps or stopping:
+                check_finite()
                 stopped_by = ("planned_end" if step == total_steps else "time_budget" if out_of_time
                               else "signal" if stopping else None)
                 record, samples = validate(step / steps_per_epoch, train_losses, stopped_by=stopped_by)
@@ -395,6 +462,7 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
                 segment_start, segment_step = time.perf_counter(), step
                 started = segment_start  # validation time is not training time
             elif cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                check_finite()
                 checkpoint()
             if stopping:
                 stopped_early = True
@@ -402,9 +470,8 @@ def train_and_evaluate(cfg: Config, workdir) -> dict:
                              "time budget spent" if out_of_time else "signal received")
                 break
     if record is None:  # nothing left to train: report on what the workdir holds, log nothing new
-        logging.info("The run in %s is already complete at step %d.", workdir, step)
+        logging.info("The run in %s is already complete at step %d.", work, step)
         record, samples = validate(step / steps_per_epoch, [], log=False)
-    manager.close()
     shown = np.unique(np.linspace(0, len(samples["clean"]) - 1, 5).astype(int))
     plots.save_sample_grid(work.samples_file, samples["corrupted"][shown], samples["reconstructed"][shown],
                            samples["clean"][shown], samples["masks"][shown])

@@ -4,19 +4,25 @@
     WORKDIR/split.json      data source and subjects    WORKDIR/eval/          the evaluate job's metrics and figures
     WORKDIR/metrics.jsonl   one record per validation   WORKDIR/detect/        the detect_eval job's metrics and figures
     WORKDIR/samples.png     validation samples          WORKDIR/events.out.tfevents.*   TensorBoard (tensorboardX)
+    WORKDIR/run.lock        held by the live training   WORKDIR/config_changes.jsonl    what --allow_config_change changed
 
-JSON is written atomically (a temporary file, then a rename) with non-finite numbers as ``null``.
+JSON is written atomically (a temporary file, then a rename) with non-finite numbers as ``null``. A checkpoint is
+orbax's: written into a temporary folder and renamed when complete, so a half-written one is never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
 import numpy as np
@@ -27,6 +33,8 @@ from mrirecon_jax.config import RESUMABLE_FIELDS, Config, UserError
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "run.lock"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_DIR = "checkpoints"
 EVAL_DIR = "eval"
@@ -135,25 +143,81 @@ class Workdir:
         except (OSError, json.JSONDecodeError, TypeError) as err:
             raise UserError(f"{path} is unreadable ({err}); use another --workdir.") from None
 
-    def check_resumable(self, cfg: Config) -> None:
-        """Refuse a workdir that holds a run with other settings (fields outside RESUMABLE_FIELDS)."""
-        if self.holds_run():
-            previous = dataclasses.asdict(self.read_config())
-            current = dataclasses.asdict(cfg)
-            changed = sorted(k for k in current if k not in RESUMABLE_FIELDS and previous.get(k) != current[k])
-            if changed:
-                detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
-                raise UserError(f"{self.path} holds a run with another configuration ({detail}); "
-                                "use another --workdir or the same settings to resume it.")
+    @contextlib.contextmanager
+    def lock(self, enabled: bool = True) -> Iterator[None]:
+        """Hold the workdir for one live run (an advisory lock on WORKDIR/run.lock, released when the process
+        ends, however it ends); a second run on it is refused. Creates the workdir, and removes it again if it
+        was created here and holds nothing else when the block fails. `enabled=False` (a process other than the
+        writer of a multi-process run) does nothing."""
+        if not enabled:
+            yield
+            return
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_FILE, "a+")
+        except OSError as err:
+            raise UserError(f"--workdir={self.path} cannot be created or written ({err.strerror}).") from None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise UserError(f"--workdir={self.path} is in use by a live run ({holder}); wait for it to end or "
+                                "use another --workdir.") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+            handle.flush()
+            ok = False
+            try:
+                yield
+                ok = True
+            finally:
+                if not ok and created and {p.name for p in self.path.iterdir()} <= {LOCK_FILE}:
+                    os.remove(self.path / LOCK_FILE)
+                    self.path.rmdir()
+        finally:
+            handle.close()
 
-    def record_config(self, cfg: Config) -> None:
-        """Create the workdir and record the config, after check_resumable."""
-        self.check_resumable(cfg)
+    def config_changes(self, cfg: Config) -> dict:
+        """{field: [recorded, given]} for the fields outside RESUMABLE_FIELDS where `cfg` differs from the run
+        recorded here (empty when the workdir holds no run)."""
+        if not self.holds_run():
+            return {}
+        previous = dataclasses.asdict(self.read_config())
+        current = dataclasses.asdict(cfg)
+        return {k: [previous.get(k), current[k]] for k in sorted(current)
+                if k not in RESUMABLE_FIELDS and previous.get(k) != current[k]}
+
+    def check_resumable(self, cfg: Config, allow_change: bool = False) -> None:
+        """Refuse a workdir that holds a run with other settings (fields outside RESUMABLE_FIELDS), unless
+        `allow_change`."""
+        changed = self.config_changes(cfg)
+        if changed and not allow_change:
+            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise UserError(f"{self.path} holds a run with another configuration ({detail}); use another "
+                            "--workdir, the same settings to resume it, or --allow_config_change.")
+
+    def record_config(self, cfg: Config, allow_change: bool = False, step: int = 0) -> None:
+        """Create the workdir and record the config (after check_resumable); with `allow_change`, what changed
+        from the recorded config is appended to WORKDIR/config_changes.jsonl with the step it applies from."""
+        self.check_resumable(cfg, allow_change)
+        changed = self.config_changes(cfg)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"--workdir={self.path} cannot be created ({err.strerror}).") from None
+        if changed:
+            with self.file(CONFIG_CHANGES_FILE).open("a") as f:
+                f.write(json.dumps({"from_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "changed": changed}, sort_keys=True) + "\n")
         write_json(self.file(CONFIG_FILE), dataclasses.asdict(cfg))
+
+    def read_config_changes(self) -> list[dict]:
+        path = self.file(CONFIG_CHANGES_FILE)
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
     def write_split(self, split: dict) -> None:
         write_json(self.file(SPLIT_FILE), split)
@@ -167,6 +231,24 @@ class Workdir:
     def append_metrics(self, record: dict) -> None:
         with self.file(METRICS_FILE).open("a") as f:
             f.write(json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n")
+
+    def keep_metrics_through(self, step: int) -> int:
+        """Drop the metrics lines of steps after `step` (the checkpoint a run resumes from), and any line cut
+        short by a kill, so a resumed run does not log a step twice; returns how many lines were dropped."""
+        path = self.file(METRICS_FILE)
+        if not path.is_file():
+            return 0
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+        if len(kept) < len(lines):
+            write_atomically(path, lambda temp: Path(temp).write_text("".join(f"{line}\n" for line in kept)))
+        return len(lines) - len(kept)
 
     def read_metrics(self) -> list[dict]:
         """The run's metrics.jsonl records (one per validation), in step order."""
@@ -191,7 +273,7 @@ class Workdir:
                                           keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC],
-                                               best_mode="max", create=True)
+                                               best_mode="max", create=True, cleanup_tmp_directories=True)
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager((self.path / CHECKPOINT_DIR).absolute(), options=options,
@@ -200,14 +282,23 @@ class Workdir:
     @staticmethod
     def save_checkpoint(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict,
                         metrics: Optional[dict] = None) -> None:
-        """Save the training state at `step` (with validation metrics it is a candidate for 'best')."""
+        """Save the training state at `step` (with validation metrics it is a candidate for 'best'). A save that
+        fails (a full disk, say) is a UserError naming the last complete checkpoint, which is kept."""
         if step in manager.all_steps():
             return
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                   opt_state=ocp.args.StandardSave(opt_state),
-                                                   meta=ocp.args.JsonSave(meta)),
-                     metrics=None if metrics is None else {BEST_METRIC: metrics[BEST_METRIC]})
-        manager.wait_until_finished()
+        try:
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                       opt_state=ocp.args.StandardSave(opt_state),
+                                                       meta=ocp.args.JsonSave(meta)),
+                         metrics=None if metrics is None else {BEST_METRIC: metrics[BEST_METRIC]})
+            manager.wait_until_finished()
+        except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            last = manager.latest_step()
+            kept = f"the last complete checkpoint, step {last}, is kept" if last is not None else "no checkpoint"
+            hint = " Free some space and" if err.errno == errno.ENOSPC else ""
+            raise UserError(f"Saving the checkpoint of step {step} in {manager.directory} failed ({reason}); "
+                            f"{kept}.{hint} Rerun the same command to resume.") from None
 
     @staticmethod
     def restore_training(manager: ocp.CheckpointManager, step: int, params, opt_state):

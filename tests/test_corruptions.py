@@ -559,7 +559,7 @@ def test_wide_variants_draw_different_implementations_per_slice():
     distinct = {np.round(o, 4).tobytes() for o in outs["downsample_wide"]}
     assert len(distinct) >= 6  # six implementations, some with a random width
     plain = np.asarray(C.CORRUPTIONS["downsample"](KEY, img))
-    assert any(np.array_equal(o, plain) for o in outs["downsample_wide"])  # the thesis's filter is one of them
+    assert any(np.allclose(o, plain, atol=1e-5) for o in outs["downsample_wide"])  # the thesis's filter is one
     for name in ("gibbs_wide", "ghost_wide"):
         minima = outs[name].min(axis=(1, 2, 3))
         assert (minima < -1e-3).any() and (minima >= 0).any(), name  # real part sometimes, magnitude sometimes

@@ -134,9 +134,10 @@ def test_workdir_of_another_run_is_refused(tmp_path):
     assert work.read_config().epochs == 9
 
 
-def test_sigterm_stops_with_a_checkpoint_and_a_final_record_and_restores_the_handler(tmp_path):
-    """SIGTERM during training: the loop finishes its step, validates and checkpoints there, and returns; the
-    handler that was installed before training is back afterwards."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_with_a_checkpoint_and_a_final_record_and_restores_the_handler(tmp_path, signum):
+    """SIGTERM or SIGINT during training: the loop finishes its step, validates and checkpoints there, and
+    returns; the handler that was installed before training is back afterwards."""
     def previous(signum, frame):
         raise AssertionError("the training loop's handler should have caught this signal")
 
@@ -146,17 +147,17 @@ def test_sigterm_stops_with_a_checkpoint_and_a_final_record_and_restores_the_han
         deadline = time.monotonic() + 300
         while not (workdir / "checkpoints" / "2").is_dir() and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
-    old = signal.signal(signal.SIGTERM, previous)
+    old = signal.signal(signum, previous)
     try:
         sender = threading.Thread(target=send_when_training, daemon=True)
         sender.start()
         record = _run(tmp_path, "term", max_steps=10_000, epochs=10_000, checkpoint_every_steps=2)
         sender.join()
-        assert signal.getsignal(signal.SIGTERM) is previous
+        assert signal.getsignal(signum) is previous
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signum, old)
     assert record["stopped_early"] and 2 <= record["step"] < 10_000
     last = _records(tmp_path, "term")[-1]
     assert last["step"] == record["step"]

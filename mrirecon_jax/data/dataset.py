@@ -1,5 +1,9 @@
 """The dataset of a run: clean model-grid slices of a folder of volumes (or the demo source), split by subject,
-cached on disk keyed by the input files and every setting that shaped them."""
+cached on disk keyed by the input files and every setting that shaped them.
+
+A file that cannot be used (``volumes.BadVolume``) is skipped with a warning that names it and says why; the
+dataset records the sentences, and ``--strict`` turns any of them into an error.
+"""
 
 from __future__ import annotations
 
@@ -22,14 +26,25 @@ from mrirecon_jax.data import demo, volumes
 from mrirecon_jax.data.prepare import prepare_volume
 
 # Bump whenever the arrays produced for the same inputs change, so stale caches are not read.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 CACHE_DIR_ENV = "MRIRECON_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/mrirecon_jax"
 # The settings that shape the slices of one volume (the split settings join them for a split dataset).
 SLICE_SETTINGS = ("plane", "slices", "slab_mm", "image_size", "skull_strip")
 SPLIT_SETTINGS = ("val_fraction", "max_subjects", "seed")
 
-Reader = Callable[[], tuple[np.ndarray, tuple[float, float, float]]]  # -> (canonical volume, zooms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """Reads one volume: `name` is what messages call it; calling gives (canonical volume, zooms), appending the
+    repairs made to `repairs` (see ``volumes.load_volume``)."""
+
+    name: str
+    load: Callable[[Optional[list]], tuple[np.ndarray, tuple[float, float, float]]]
+
+    def __call__(self, repairs: Optional[list] = None):
+        return self.load(repairs)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,20 +58,38 @@ class Dataset:
     train_slice_subject: np.ndarray  # (N,) index into train_subjects for each training slice
     val_slice_subject: np.ndarray  # (M,) index into val_subjects for each validation slice
     source: str  # one human sentence saying where the slices came from
+    skipped: tuple[str, ...] = ()  # one sentence per file of the chosen subjects that was skipped, and why
+    repaired: tuple[str, ...] = ()  # one sentence per repair made to a file that was used
+    n_subjects_skipped: int = 0  # chosen subjects left without any usable file
     cache_path: Optional[str] = None  # the cache file read or written; None when caching was not possible
     cache_hit: bool = False
+
+    def report(self) -> dict:
+        """What a run records of its data (split.json): the source, the subjects, the counts, the skipped files."""
+        return {"source": self.source, "train_subjects": list(self.train_subjects),
+                "val_subjects": list(self.val_subjects), "n_train_slices": len(self.train),
+                "n_val_slices": len(self.val), "n_subjects_used": len(self.train_subjects) + len(self.val_subjects),
+                "n_subjects_skipped": self.n_subjects_skipped, "skipped_files": list(self.skipped),
+                "repaired_files": list(self.repaired)}
+
+
+def subject_order(ids: Sequence[str], seed: int) -> list[str]:
+    """The distinct subjects in the run's seeded order: the split takes validation from its front."""
+    unique = sorted(set(ids))
+    return [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+
+
+def _cut(ordered: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    if len(ordered) < 2:
+        raise UserError(f"A train/validation split needs at least 2 subjects, found {len(ordered)}.")
+    n_val = min(max(1, round(val_fraction * len(ordered))), len(ordered) - 1)
+    return sorted(ordered[n_val:]), sorted(ordered[:n_val])
 
 
 def split_subjects(ids: Sequence[str], val_fraction: float, seed: int,
                    max_subjects: Optional[int] = None) -> tuple[list[str], list[str]]:
     """Disjoint (train, val) subject lists, each sorted; deterministic for a seed."""
-    unique = sorted(set(ids))
-    if len(unique) < 2:
-        raise UserError(f"A train/validation split needs at least 2 subjects, found {len(unique)}.")
-    order = np.random.default_rng(seed).permutation(len(unique))
-    chosen = [unique[i] for i in order][:max_subjects]
-    n_val = min(max(1, round(val_fraction * len(chosen))), len(chosen) - 1)
-    return sorted(chosen[n_val:]), sorted(chosen[:n_val])
+    return _cut(subject_order(ids, seed)[:max_subjects], val_fraction)
 
 
 def volume_readers(data_dir: Optional[str]) -> tuple[list[tuple[str, Reader]], object, str]:
@@ -67,9 +100,10 @@ def volume_readers(data_dir: Optional[str]) -> tuple[list[tuple[str, Reader]], o
         template = demo.mni_template_path()
         inputs = {"demo": {"n_subjects": demo.DEMO_SUBJECTS, "seed": demo.DEMO_SEED,
                            "template": volumes.fingerprint(template) if template else "phantom"}}
-        return [(s, lambda v=v, z=z: (v, z)) for s, v, z in subjects], inputs, source
+        return [(s, Reader(f"demo subject {s}", lambda _, v=v, z=z: (v, z))) for s, v, z in subjects], inputs, source
     paths = volumes.find_volumes(data_dir)
-    readers = [(volumes.subject_id(p), functools.partial(volumes.load_volume, p)) for p in paths]
+    readers = [(volumes.subject_id(p), Reader(f"NIfTI file {p}", functools.partial(volumes.load_volume, p)))
+               for p in paths]
     n_subjects = len({s for s, _ in readers})
     folder = Path(data_dir).expanduser().absolute()
     return readers, [volumes.fingerprint(p) for p in paths], f"{len(paths)} NIfTI volumes of {n_subjects} subjects " \
@@ -89,7 +123,7 @@ def _cache_file(cfg: Config, key: dict) -> Optional[Path]:
 
 
 _ARRAYS = ("train", "val", "train_slice_subject", "val_slice_subject")
-_STRINGS = ("train_subjects", "val_subjects")
+_STRINGS = ("train_subjects", "val_subjects", "skipped", "repaired")
 
 
 def _read_cache(path: Path) -> Optional[Dataset]:
@@ -97,7 +131,8 @@ def _read_cache(path: Path) -> Optional[Dataset]:
         with np.load(path, allow_pickle=False) as npz:
             return Dataset(**{name: npz[name] for name in _ARRAYS},
                            **{name: tuple(str(s) for s in npz[name]) for name in _STRINGS},
-                           source=str(npz["source"]), cache_path=str(path), cache_hit=True)
+                           source=str(npz["source"]), n_subjects_skipped=int(npz["n_subjects_skipped"]),
+                           cache_path=str(path), cache_hit=True)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         warnings.warn(f"Cache file {path} is unreadable ({error}); rebuilding it.", stacklevel=3)
         return None
@@ -112,7 +147,7 @@ def _write_cache(path: Path, dataset: Dataset) -> bool:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{name: getattr(dataset, name) for name in _ARRAYS},
                      **{name: np.array(getattr(dataset, name), dtype=str) for name in _STRINGS},
-                     source=np.array(dataset.source))
+                     source=np.array(dataset.source), n_subjects_skipped=np.array(dataset.n_subjects_skipped))
         os.replace(temp, path)
         return True
     except OSError as error:
@@ -123,57 +158,111 @@ def _write_cache(path: Path, dataset: Dataset) -> bool:
 
 
 def _cached(cfg: Config, key: dict, build: Callable[[], Dataset]) -> Dataset:
-    """The dataset for `key` from the cache, or built and then cached."""
+    """The dataset for `key` from the cache, or built and then cached; refused under cfg.strict when a file was
+    skipped, or when nothing usable is left."""
     path = _cache_file(cfg, key)
-    if path is not None and path.is_file():
-        cached = _read_cache(path)
-        if cached is not None:
-            logging.info("Data: %s Read from cache %s.", cached.source, path)
-            return cached
-    dataset = build()
-    if path is not None and _write_cache(path, dataset):
-        dataset = dataclasses.replace(dataset, cache_path=str(path))
+    dataset = _read_cache(path) if path is not None and path.is_file() else None
+    if dataset is not None:
+        logging.info("Data: %s Read from cache %s.", dataset.source, path)
+        for sentence in dataset.skipped:
+            logging.warning("Skipped when the cache was built: %s", sentence)
+    else:
+        dataset = build()
+        if path is not None and _write_cache(path, dataset):
+            dataset = dataclasses.replace(dataset, cache_path=str(path))
+    if dataset.skipped and cfg.strict:
+        raise UserError(f"{dataset.skipped[0][:-1]}; --strict refuses any unusable file "
+                        f"({len(dataset.skipped)} in all).")
+    if dataset.skipped:
+        logging.warning("Data: %d file(s) skipped, %d subject(s) left without a usable file; the run's split.json "
+                        "lists them.", len(dataset.skipped), dataset.n_subjects_skipped)
     logging.info("Data: %s %d train / %d validation slices.", dataset.source, len(dataset.train), len(dataset.val))
     return dataset
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
 
-def _assemble(cfg: Config, readers, train_ids: Sequence[str], val_ids: Sequence[str], source: str) -> Dataset:
-    """Prepare every volume of the chosen subjects (prepare_volume, as everywhere) and stack train and validation."""
-    place = {s: (0, i) for i, s in enumerate(train_ids)} | {s: (1, i) for i, s in enumerate(val_ids)}
-    sides = ([], [])  # (subject index, (n, S, S, 1) clean slices) per volume, for train and validation
+def _prepare_subjects(cfg: Config, readers, subjects: Sequence[str], limit: Optional[int] = None):
+    """Prepare the files of `subjects`, in that order, as every job does (prepare_volume), until `limit` subjects
+    have a usable file; an unusable file is skipped with a warning. Returns ({subject: [clean slices per file]}
+    of the usable subjects, subjects tried, skipped sentences, repair sentences)."""
+    files: dict[str, list[Reader]] = {}
     for subject, read in readers:
-        if subject in place:
-            side, index = place[subject]
-            sides[side].append((index, prepare_volume(*read(), cfg).clean()))
-    size = cfg.image_size
-    stacked = []
-    for side in sides:
-        images = np.concatenate([s for _, s in side]) if side else np.zeros((0, size, size, 1), np.float32)
-        owners = np.concatenate([np.full(len(s), i, np.int32) for i, s in side]) if side else np.zeros(0, np.int32)
-        stacked.append((images, owners))
-    (train, train_owner), (val, val_owner) = stacked
+        files.setdefault(subject, []).append(read)
+    prepared: dict[str, list[np.ndarray]] = {}
+    skipped: list[str] = []
+    repaired: list[str] = []
+    tried = 0
+    for subject in subjects:
+        if limit is not None and len(prepared) >= limit:
+            break
+        tried += 1
+        for read in files[subject]:
+            repairs: list[str] = []
+            try:
+                slices = prepare_volume(*read(repairs), cfg, name=read.name).clean()
+            except volumes.BadVolume as bad:
+                logging.warning("Skipping a file: %s", bad)
+                skipped.append(str(bad))
+                continue
+            prepared.setdefault(subject, []).append(slices)
+            repaired.extend(repairs)
+    return prepared, tried, skipped, repaired
+
+
+def _assemble(cfg: Config, prepared: dict, train_ids: Sequence[str], val_ids: Sequence[str], source: str,
+              tried: int, skipped: list, repaired: list) -> Dataset:
+    """Stack the prepared slices of the train and validation subjects into a Dataset."""
+    sides = []
+    for ids in (train_ids, val_ids):
+        parts = [(i, p) for i, s in enumerate(ids) for p in prepared[s]]
+        images = np.concatenate([p for _, p in parts]) if parts else np.zeros((0, cfg.image_size,
+                                                                                cfg.image_size, 1), np.float32)
+        owners = np.concatenate([np.full(len(p), i, np.int32) for i, p in parts]) if parts else np.zeros(0, np.int32)
+        sides.append((images, owners))
+    (train, train_owner), (val, val_owner) = sides
     return Dataset(train=train, val=val, train_subjects=tuple(train_ids), val_subjects=tuple(val_ids),
-                   train_slice_subject=train_owner, val_slice_subject=val_owner, source=source)
+                   train_slice_subject=train_owner, val_slice_subject=val_owner, source=source,
+                   skipped=tuple(skipped), repaired=tuple(repaired), n_subjects_skipped=tried - len(prepared))
+
+
+def _nothing_usable(skipped: list) -> str:
+    return f"; {len(skipped)} file(s) were skipped, the first because: {skipped[0]}" if skipped else "."
 
 
 def load_dataset(cfg: Config) -> Dataset:
-    """Subject-split clean slices for a config: from cfg.data_dir, or the demo source when it is None; cached."""
+    """Subject-split clean slices for a config: from cfg.data_dir, or the demo source when it is None; cached.
+
+    The split is made over the subjects with a usable file, in the seeded order (the first cfg.max_subjects of
+    them), so a broken file neither empties the validation set nor changes which subjects the others go to.
+    """
     readers, inputs, source = volume_readers(cfg.data_dir)
 
     def build():
-        train_ids, val_ids = split_subjects([s for s, _ in readers], cfg.val_fraction, cfg.seed, cfg.max_subjects)
-        return _assemble(cfg, readers, train_ids, val_ids, source)
+        order = subject_order([s for s, _ in readers], cfg.seed)
+        prepared, tried, skipped, repaired = _prepare_subjects(cfg, readers, order, cfg.max_subjects)
+        usable = [s for s in order if s in prepared]
+        if len(usable) < 2:
+            raise UserError(f"A train/validation split needs at least 2 subjects with a usable file, found "
+                            f"{len(usable)}{_nothing_usable(skipped)}")
+        train_ids, val_ids = _cut(usable, cfg.val_fraction)
+        return _assemble(cfg, prepared, train_ids, val_ids, source, tried, skipped, repaired)
 
     return _cached(cfg, {"inputs": inputs, **{name: getattr(cfg, name) for name in SPLIT_SETTINGS}}, build)
 
 
 def load_unseen_subjects(cfg: Config, data_dir) -> Dataset:
-    """Every subject in `data_dir` as validation slices (no split, `train` empty), prepared exactly as `cfg`
-    prepares its own data; cached like :func:`load_dataset`."""
+    """Every subject in `data_dir` with a usable file as validation slices (no split, `train` empty), prepared
+    exactly as `cfg` prepares its own data; cached like :func:`load_dataset`."""
     readers, inputs, source = volume_readers(str(data_dir))
     cfg = cfg.replace(data_dir=str(data_dir))
-    subjects = sorted({s for s, _ in readers})
-    return _cached(cfg, {"every_subject": inputs},
-                   lambda: _assemble(cfg, readers, [], subjects, f"{source[:-1]}, every subject (no split)."))
+
+    def build():
+        subjects = sorted({s for s, _ in readers})
+        prepared, tried, skipped, repaired = _prepare_subjects(cfg, readers, subjects)
+        if not prepared:
+            raise UserError(f"No file in {data_dir} is usable{_nothing_usable(skipped)}")
+        return _assemble(cfg, prepared, [], sorted(prepared), f"{source[:-1]}, every subject (no split).", tried,
+                         skipped, repaired)
+
+    return _cached(cfg, {"every_subject": inputs}, build)

@@ -13,8 +13,10 @@ from mrirecon_jax.config import Config
 from mrirecon_jax.data import brain as brain_lib
 from mrirecon_jax.data import geometry as geometry_lib
 from mrirecon_jax.data import normalise
+from mrirecon_jax.data.volumes import BadVolume
 
 MASK_LEVEL = 0.5  # a mask resampled to the model grid keeps the pixels that are at least this much inside
+MIN_INPLANE_VOXELS = 8  # a slice with fewer voxels along an in-plane axis holds too little to resize to the grid
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -38,22 +40,33 @@ def grid_mask(mask: np.ndarray, zooms, geometry: geometry_lib.SliceGeometry) -> 
 
 
 def prepare_volume(volume, zooms, cfg: Config, *, whole_volume: bool = False, brain: Optional[np.ndarray] = None,
-                   with_brain: bool = False) -> PreparedVolume:
+                   with_brain: bool = False, name: str = "The volume") -> PreparedVolume:
     """Model-grid slices of a canonical volume as `cfg`'s training prepares them.
 
     The slices are the central slab that `cfg` selects (``slices`` or ``slab_mm``), or every slice along the plane
     with `whole_volume`. `brain` is a canonical bool mask on the volume's grid; without one, a mask is computed
     (``brain.brain_mask``) when the run skull-strips or `with_brain` asks for it. A skull-stripping run masks the
-    volume with it before slicing.
+    volume with it before slicing. A volume too small for that (fewer slices than the slab, or fewer than
+    MIN_INPLANE_VOXELS voxels along an in-plane axis) raises BadVolume, the sentence starting with `name`.
     """
     volume = np.asarray(volume, np.float32)
+    axis = geometry_lib.plane_axis(cfg.plane)
+    inplane = [volume.shape[a] for a in range(3) if a != axis]
+    if min(inplane) < MIN_INPLANE_VOXELS:
+        raise BadVolume(f"{name} has {'x'.join(map(str, inplane))} voxels in the {cfg.plane} plane, fewer than "
+                        f"the {MIN_INPLANE_VOXELS} per side a slice needs.")
+    indices = None
+    if not whole_volume:
+        indices = geometry_lib.slab_indices(volume.shape[axis], float(zooms[axis]), cfg.slices, cfg.slab_mm)
+        wanted = cfg.slices if cfg.slices is not None else max(1, round(cfg.slab_mm / float(zooms[axis])))
+        if len(indices) < wanted:
+            asked = f"--slices={cfg.slices}" if cfg.slices is not None else f"--slab_mm={cfg.slab_mm:g}"
+            raise BadVolume(f"{name} has {volume.shape[axis]} {cfg.plane} slices, fewer than the {wanted} that "
+                            f"{asked} takes.")
     if brain is None and (cfg.skull_strip or with_brain):
         brain = brain_lib.brain_mask(volume, zooms)
     if cfg.skull_strip:
         volume = brain_lib.skull_strip(volume, brain)
-    axis = geometry_lib.plane_axis(cfg.plane)
-    indices = None if whole_volume else geometry_lib.slab_indices(volume.shape[axis], float(zooms[axis]),
-                                                                   cfg.slices, cfg.slab_mm)
     slices, geometry = geometry_lib.volume_slices(volume, zooms, cfg.plane, cfg.image_size, indices)
     return PreparedVolume(slices=slices, geometry=geometry,
                           brain=None if brain is None else grid_mask(brain, zooms, geometry))

@@ -1,14 +1,22 @@
 """Reading NIfTI volumes: finding them in a folder, naming their subjects, loading them in canonical RAS, and
-refusing the files that cannot be used, each with one sentence that names the file."""
+refusing the files that cannot be used, each with one sentence that names the file.
+
+Two faults are repaired rather than refused, each with a warning that names the file: a 4-D file gives its first
+volume, and NaN or infinite voxels are set to the minimum of the finite ones. A constant volume (all zero, say)
+holds no image and is refused.
+"""
 
 from __future__ import annotations
 
 import re
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
+
+from absl import logging
 
 from mrirecon_jax.config import UserError
 
@@ -46,14 +54,22 @@ def subject_id(path) -> str:
     return name
 
 
-def load_volume(path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A NIfTI volume as float32 in canonical RAS orientation, and its voxel sizes in mm (same axis order)."""
+def load_volume(path, repairs: Optional[list] = None, *, mask: bool = False
+                ) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI volume as float32 in canonical RAS orientation, and its voxel sizes in mm (same axis order).
+
+    Raises BadVolume for a file that cannot be used (a constant image too, unless it is a `mask`). The repairs made (4-D to its first volume, non-finite voxels
+    to the finite minimum) are logged as warnings and, when `repairs` is a list, appended to it as sentences.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"NIfTI file {path} does not exist.")
+    made = []
     try:
         image = nib.load(str(path))
-        if image.ndim == 4 and image.shape[3] == 1:
+        if image.ndim == 4:
+            if image.shape[3] > 1:
+                made.append(f"NIfTI file {path} is 4-D {image.shape}; using its first volume.")
             image = image.slicer[..., 0]
         if image.ndim != 3:
             raise BadVolume(f"NIfTI file {path} has shape {image.shape}; a 3-D volume is needed.")
@@ -65,9 +81,20 @@ def load_volume(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise BadVolume(f"NIfTI file {path} has invalid voxel sizes {zooms}.")
-    if not np.isfinite(data).all():
-        raise BadVolume(f"NIfTI file {path} contains non-finite values (NaN or inf).")
-    return np.ascontiguousarray(data), zooms
+    finite = np.isfinite(data)
+    if not finite.all():
+        if not finite.any():
+            raise BadVolume(f"NIfTI file {path} holds no finite value (every voxel is NaN or infinite).")
+        made.append(f"NIfTI file {path} has {int((~finite).sum())} NaN or infinite voxels; setting them to the "
+                    "volume's minimum.")
+        data = np.where(finite, data, data[finite].min())
+    if not mask and data.max() == data.min():
+        raise BadVolume(f"NIfTI file {path} is constant (every voxel is {data.flat[0]:g}); it holds no image.")
+    for sentence in made:
+        logging.warning("%s", sentence)
+    if repairs is not None:
+        repairs.extend(made)
+    return np.ascontiguousarray(data, np.float32), zooms
 
 
 def canonical_affine(path) -> np.ndarray:
