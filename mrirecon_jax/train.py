@@ -427,8 +427,8 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     started = time.perf_counter()
     segment_start, segment_step = started, step
     stopped_early = False
-    with contextlib.closing(manager), _StopRequest() as stop, tqdm(total=total_steps, initial=step, unit="step", disable=None,
-                                      dynamic_ncols=True) as bar, \
+    with contextlib.closing(manager), _StopRequest() as stop, \
+            tqdm(total=total_steps, initial=step, unit="step", disable=None, dynamic_ncols=True) as bar, \
             summaries_lib.TrainingSummaries(work.tensorboard_dir, jax.process_index() == 0, step) as summaries:
         while step < total_steps:
             epoch, within = divmod(step, steps_per_epoch)

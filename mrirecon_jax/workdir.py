@@ -4,7 +4,7 @@
     WORKDIR/split.json      data source and subjects    WORKDIR/eval/          the evaluate job's metrics and figures
     WORKDIR/metrics.jsonl   one record per validation   WORKDIR/detect/        the detect_eval job's metrics and figures
     WORKDIR/samples.png     validation samples          WORKDIR/events.out.tfevents.*   TensorBoard (tensorboardX)
-    WORKDIR/run.lock        held by the live training   WORKDIR/config_changes.jsonl    what --allow_config_change changed
+    WORKDIR/run.lock        held by the live training   WORKDIR/config_changes.jsonl    --allow_config_change's record
 
 JSON is written atomically (a temporary file, then a rename) with non-finite numbers as ``null``. A checkpoint is
 orbax's: written into a temporary folder and renamed when complete, so a half-written one is never read.
@@ -295,7 +295,7 @@ class Workdir:
         except OSError as err:
             reason = os.strerror(err.errno) if err.errno else str(err)
             last = manager.latest_step()
-            kept = f"the last complete checkpoint, step {last}, is kept" if last is not None else "no checkpoint"
+            kept = f"the last complete checkpoint, step {last}, is kept" if last is not None else "none was complete"
             hint = " Free some space and" if err.errno == errno.ENOSPC else ""
             raise UserError(f"Saving the checkpoint of step {step} in {manager.directory} failed ({reason}); "
                             f"{kept}.{hint} Rerun the same command to resume.") from None

@@ -34,7 +34,6 @@ SLICE_SETTINGS = ("plane", "slices", "slab_mm", "image_size", "skull_strip")
 SPLIT_SETTINGS = ("val_fraction", "max_subjects", "seed")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Reader:
     """Reads one volume: `name` is what messages call it; calling gives (canonical volume, zooms), appending the
@@ -159,7 +158,7 @@ def _write_cache(path: Path, dataset: Dataset) -> bool:
 
 def _cached(cfg: Config, key: dict, build: Callable[[], Dataset]) -> Dataset:
     """The dataset for `key` from the cache, or built and then cached; refused under cfg.strict when a file was
-    skipped, or when nothing usable is left."""
+    skipped."""
     path = _cache_file(cfg, key)
     dataset = _read_cache(path) if path is not None and path.is_file() else None
     if dataset is not None:

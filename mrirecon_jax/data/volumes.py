@@ -58,8 +58,9 @@ def load_volume(path, repairs: Optional[list] = None, *, mask: bool = False
                 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A NIfTI volume as float32 in canonical RAS orientation, and its voxel sizes in mm (same axis order).
 
-    Raises BadVolume for a file that cannot be used (a constant image too, unless it is a `mask`). The repairs made (4-D to its first volume, non-finite voxels
-    to the finite minimum) are logged as warnings and, when `repairs` is a list, appended to it as sentences.
+    Raises BadVolume for a file that cannot be used (a constant image too, unless it is a `mask`). The repairs
+    made (4-D to its first volume, non-finite voxels to the finite minimum) are logged as warnings and, when
+    `repairs` is a list, appended to it as sentences.
     """
     path = Path(path)
     if not path.is_file():
