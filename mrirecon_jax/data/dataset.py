@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from absl import logging
 
+from mrirecon_jax import distributed
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import demo, volumes
 from mrirecon_jax.data.prepare import prepare_volume
@@ -158,15 +159,23 @@ def _assemble(cfg: Config, readers, train_ids: Sequence[str], val_ids: Sequence[
                    train_slice_subject=train_owner, val_slice_subject=val_owner, source=source)
 
 
-def load_dataset(cfg: Config) -> Dataset:
-    """Subject-split clean slices for a config: from cfg.data_dir, or the demo source when it is None; cached."""
+def load_dataset(cfg: Config, share: tuple[int, int] = (0, 1), cache: Optional[Callable] = None) -> Dataset:
+    """Subject-split clean slices for a config: from cfg.data_dir, or the demo source when it is None; cached.
+
+    `share` = (process index, process count): the training subjects are those of that process's share
+    (``distributed.process_share``), the validation subjects all of them. `cache(cfg, key, build)` reads or builds
+    the dataset of a key (default: the .npz cache; ``data.stream.streamed`` keeps the training slices on disk).
+    """
     readers, inputs, source = volume_readers(cfg.data_dir)
 
     def build():
         train_ids, val_ids = split_subjects([s for s, _ in readers], cfg.val_fraction, cfg.seed, cfg.max_subjects)
-        return _assemble(cfg, readers, train_ids, val_ids, source)
+        return _assemble(cfg, readers, distributed.process_share(train_ids, *share), val_ids, source)
 
-    return _cached(cfg, {"inputs": inputs, **{name: getattr(cfg, name) for name in SPLIT_SETTINGS}}, build)
+    key = {"inputs": inputs, **{name: getattr(cfg, name) for name in SPLIT_SETTINGS}}
+    if share[1] > 1:
+        key["process_share"] = list(share)
+    return (cache or _cached)(cfg, key, build)
 
 
 def load_unseen_subjects(cfg: Config, data_dir) -> Dataset:
