@@ -40,8 +40,8 @@ class Config:
                                       "mask), for detection on skull-stripped scans.")
     data_loader: str = _field("memory", "How training slices reach the step: memory (all in RAM) or grain (streamed "
                                         "from a memory-mapped .npy store through grain; the same batches).")
-    data_workers: int = _field(2, "grain loader: worker processes that read batches ahead (0: in the training "
-                                  "process, with threads).")
+    data_workers: int = _field(0, "grain loader: worker processes that read batches ahead (0: threads of the "
+                                  "training process, the fastest for a local store; more for slow file systems).")
     # Corruptions and augmentation.
     corruptions: str = _field("original", "Corruption policy of training: original, augmented, augmented_wide, "
                                           "realistic, none, or a spec such as 'patch+oneof(downsample,gibbs,ghost)'.")

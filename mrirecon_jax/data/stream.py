@@ -167,7 +167,7 @@ def streamed(cfg: Config, key: dict, build: Callable[[], dataset_lib.Dataset]) -
 def loader_throughput(image_size: int, batch_size: int, workers: int, steps: int = 50,
                       n_slices: int = 1024) -> float:
     """Slices per second that the grain loader delivers from a memory-mapped store of `n_slices` random slices
-    (image_size square), with `workers` processes, over `steps` batches after the first (which starts them)."""
+    (image_size square), with `workers` processes, over `steps` batches after a warm-up that starts them."""
     with tempfile.TemporaryDirectory(prefix="mrirecon-loader-") as folder:
         path = Path(folder) / "train.npy"
         slices = np.lib.format.open_memmap(path, "w+", np.float32, (n_slices, image_size, image_size, 1))
@@ -175,9 +175,11 @@ def loader_throughput(image_size: int, batch_size: int, workers: int, steps: int
         slices.flush()
         del slices
         steps_per_epoch = max(n_slices // batch_size, 1)
-        batches = grain_batches(str(path), n_slices, 0, steps_per_epoch, batch_size, 0, steps + 1, workers)
+        warmup = (workers + 1) * PREFETCH_BATCHES  # until every worker has started and filled its buffer
+        batches = grain_batches(str(path), n_slices, 0, steps_per_epoch, batch_size, 0, warmup + steps, workers)
         try:
-            next(batches)
+            for _ in range(warmup):
+                next(batches)
             start = time.perf_counter()
             count = sum(len(batch) for batch in batches)
             seconds = time.perf_counter() - start
