@@ -290,7 +290,7 @@ def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int]
     combinations = list(itertools.product(models, image_sizes, batch_sizes, dtypes))
     for model, size, batch, dtype in combinations:  # check every combination before timing anything
         train.build_model(cfg.replace(model=model, image_size=int(size), batch_size=int(batch), dtype=dtype))
-        train.check_batch(int(batch), mesh, "--batch_sizes: batch size")
+        train.check_batch(int(batch), mesh, "--batch_sizes")
     rows, input_rates = [], {}
     for model, size, batch, dtype in combinations:
         for count in counts:

@@ -150,9 +150,10 @@ def streamed(cfg: Config, key: dict, build: Callable[[], dataset_lib.Dataset]) -
             folder.parent.mkdir(parents=True, exist_ok=True)
             write_store(folder, dataset)
         except OSError as error:
-            warnings.warn(f"Cannot write the slice store at {folder} ({error}); holding the slices in memory.",
-                          stacklevel=2)
-            return dataset
+            if not folder.is_dir():  # (else another run stored the same slices first)
+                warnings.warn(f"Cannot write the slice store at {folder} ({error}); holding the slices in memory.",
+                              stacklevel=2)
+                return dataset
         del dataset
     try:
         dataset = read_store(folder)
