@@ -21,9 +21,9 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from mrirecon_jax import benchmark, cpu, infer, losses, train
+from mrirecon_jax import benchmark, cpu, distributed, infer, losses, train
 from mrirecon_jax.config import Config, UserError
-from mrirecon_jax.data import geometry
+from mrirecon_jax.data import geometry, stream
 from mrirecon_jax.models import conv, unet
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
@@ -39,10 +39,22 @@ flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metric
                     "Default: runs/<experiment>. Rerunning with the same workdir resumes.")
 flags.DEFINE_enum("backend", None, list(BACKENDS), "JAX backend; default: JAX's choice.")
 
+# How this process was launched (not part of the run's config: a run may resume under another launch).
+DISTRIBUTED_MODES = ("train", "evaluate", "benchmark")
+flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0, where JAX's "
+                    "distributed runtime meets (with --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Several processes: how many take part.")
+flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0 to --num_processes-1.")
+flags.DEFINE_bool("distributed", None, "Start JAX's distributed runtime, finding the processes itself (SLURM, "
+                  "Open MPI, Cloud TPU). Default: when srun or mpirun started several tasks, or the three flags "
+                  "above are given; --nodistributed never.")
+flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the other processes, at the start and at "
+                     "the end.")
+
 # Config fields whose values a room owns: the flag offers exactly that room's names.
 CHOICES = {"plane": geometry.PLANE_AXES, "model": unet.PRESETS, "output_activation": unet.OUTPUT_ACTIVATIONS,
            "norm": unet.NORMS, "dtype": unet.DTYPES, "conv_impl": conv.CONV_IMPLS, "loss": losses.LOSSES,
-           "lr_schedule": train.LR_SCHEDULES}
+           "lr_schedule": train.LR_SCHEDULES, "data_loader": stream.LOADERS}
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 
 
@@ -116,13 +128,24 @@ def config_from_flags() -> Config:
     return cfg.replace(**changes)
 
 
-def select_backend(backend) -> None:
-    """Make JAX use `backend`, or raise UserError if this machine does not have it; on CPU, keep freed memory
-    in the heap (mrirecon_jax.cpu)."""
+def launch_from_flags() -> distributed.Launch:
+    """How this process was launched, from the distributed flags."""
+    return distributed.Launch(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed,
+                              FLAGS.distributed_timeout_s)
+
+
+def select_backend(backend, launch: distributed.Launch = distributed.Launch(detect=False)) -> None:
+    """Make JAX use `backend` (joining the other processes when `launch` says so), or raise UserError if this
+    machine does not have it; on CPU, keep freed memory in the heap (mrirecon_jax.cpu)."""
     import jax
 
     if backend is not None:
         jax.config.update("jax_platforms", BACKENDS[backend])
+    if launch.starts_runtime() and FLAGS.mode not in DISTRIBUTED_MODES:
+        raise UserError(f"--mode={FLAGS.mode} runs in one process; several processes run "
+                        f"{', '.join(DISTRIBUTED_MODES)}.")
+    if distributed.initialize(launch) and not distributed.is_writer():
+        logging.set_verbosity(logging.WARNING)  # process 0 logs the run
     try:
         devices = jax.devices()
     except RuntimeError:
@@ -255,13 +278,15 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_HideLibraryInfo())
     try:
-        select_backend(FLAGS.backend)
+        select_backend(FLAGS.backend, launch_from_flags())
         JOBS[FLAGS.mode]()
     except UserError as err:
         if FLAGS.verbosity >= 1:  # --verbosity=1 asks for the traceback too
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ With ``peer="torch"`` the same network's train step is also timed in PyTorch (``
 run as a separate process; torch is not a dependency) and each row gets ``peer_images_per_s`` and ``speed_vs_peer``
 (ours without corruptions / the peer's, which has none). With ``trace_dir`` a JAX profiler trace of a few timed
 steps (with corruptions) is written per row, for Perfetto (ui.perfetto.dev) or TensorBoard's profile plugin.
+
+Scaling: each configuration is timed on 1, 2, 4, ... and all the devices present (one process), the per-device
+batch held fixed as data parallelism uses it (the given batch size is the global batch on all devices), and each
+row's ``scaling_efficiency`` is its images/s over the device count times the one-device row's. Beside the step
+throughput, ``input_slices_per_s`` is what the grain loader delivers from a memory-mapped store of that image
+size and batch (``data.stream.loader_throughput``, with cfg.data_workers). With several processes only the full
+mesh is timed and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mrirecon_jax import cpu, train
+from mrirecon_jax import cpu, distributed, train
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.data import stream
 from mrirecon_jax.models import unet
 
 PEER_MODULE = "tools.peer_torch"  # run from the checkout's root
@@ -138,8 +146,8 @@ def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3, trace_dir
     `trace_dir`, also a profiler trace of the train step (with corruptions) there."""
     device = mesh.devices.flat[0]
     n_dev = mesh.devices.size
-    images = jax.random.uniform(jax.random.key(0), (cfg.batch_size, cfg.image_size, cfg.image_size, 1))
-    batch = jax.device_put(images, NamedSharding(mesh, P("data")))
+    images = np.random.default_rng(0).random((cfg.batch_size, cfg.image_size, cfg.image_size, 1), np.float32)
+    batch = train.shared_batch(images, NamedSharding(mesh, P("data")))
     with_corruptions = _time_train_step(cfg, mesh, batch, steps, warmup, trace_dir)
     without = _time_train_step(cfg.replace(corruptions="none"), mesh, batch, steps, warmup)
     apply = train.model_apply(with_corruptions["graphdef"])
@@ -176,11 +184,28 @@ def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3, trace_dir
     }
 
 
+def device_counts(n: int) -> list[int]:
+    """The device counts a scaling series times: 1, 2, 4, ... below `n`, and `n`."""
+    return [2 ** i for i in range(n.bit_length()) if 2 ** i < n] + [n]
+
+
+def add_scaling(rows: Sequence[dict]) -> None:
+    """Each row's scaling efficiency: images/s / (device count x the images/s of the same configuration on one
+    device); None where that row was not timed."""
+    def key(r):
+        return r["model"], r["image_size"], r["batch_size"] // r["n_devices"], r["dtype"]
+    single = {key(r): r["images_per_s"] for r in rows if r["n_devices"] == 1}
+    for row in rows:
+        one = single.get(key(row))
+        row["scaling_efficiency"] = row["images_per_s"] / (row["n_devices"] * one) if one else None
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """The rows as a Markdown table (one line per configuration; peer columns when a peer was timed)."""
     with_peer = any("peer_images_per_s" in r for r in rows)
     header = ("| device | model | px | batch | dtype | compile s | img/s | img/s no corr. | corr. share | "
-              "infer img/s | GFLOP/step | TFLOP/s | util. | mem MiB | h/thesis epoch | thesis h/epoch |"
+              "infer img/s | GFLOP/step | TFLOP/s | util. | mem MiB | h/thesis epoch | thesis h/epoch | scaling | "
+              "input slices/s |"
               + (" peer img/s | vs peer |" if with_peer else ""))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -194,8 +219,13 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"| {100 * r['corruption_share']:.1f} % | {r['inference_images_per_s']:.1f} "
             f"| {(r['flops_per_step'] or float('nan')) / 1e9:.1f} | {(r['tflops_per_s'] or float('nan')):.3f} "
             f"| {100 * (r['utilization'] or float('nan')):.1f} % | {(memory or float('nan')) / 2 ** 20:.0f} "
-            f"| {r['thesis_epoch_hours']:.2f} | {thesis} |{peer}")
+            f"| {r['thesis_epoch_hours']:.2f} | {thesis} | {_percent(r.get('scaling_efficiency'))} "
+            f"| {r.get('input_slices_per_s') or float('nan'):.0f} |{peer}")
     return "\n".join(lines)
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
 
 
 def peer_rows(models: Sequence[str], image_sizes: Sequence[int], batch_sizes: Sequence[int],
@@ -256,21 +286,35 @@ def run_benchmark(cfg: Config, models: Sequence[str], image_sizes: Sequence[int]
         except OSError as err:
             raise UserError(f"--trace_dir={trace_dir} cannot be made a folder ({err.strerror}).") from None
     mesh = train.make_mesh()
-    rows = []
-    for model, size, batch, dtype in itertools.product(models, image_sizes, batch_sizes, dtypes):
-        row_cfg = cfg.replace(model=model, image_size=int(size), batch_size=int(batch), dtype=dtype)
-        train.build_model(row_cfg)  # checks the combination (preset, size, dtype) before timing anything
-        if row_cfg.batch_size % mesh.devices.size:
-            raise UserError(f"Batch size {batch} is not a multiple of the {mesh.devices.size} devices.")
-        logging.info("Benchmarking %s %d px, batch %d, %s.", model, size, batch, dtype)
-        row_trace = None if trace_dir is None else Path(trace_dir) / f"{model}_{size}px_b{batch}_{dtype}"
-        rows.append(benchmark_one(row_cfg, mesh, steps=steps, trace_dir=row_trace))
+    counts = device_counts(mesh.devices.size) if jax.process_count() == 1 else [mesh.devices.size]
+    combinations = list(itertools.product(models, image_sizes, batch_sizes, dtypes))
+    for model, size, batch, dtype in combinations:  # check every combination before timing anything
+        train.build_model(cfg.replace(model=model, image_size=int(size), batch_size=int(batch), dtype=dtype))
+        train.check_batch(int(batch), mesh, "--batch_sizes")
+    rows, input_rates = [], {}
+    for model, size, batch, dtype in combinations:
+        for count in counts:
+            row_cfg = cfg.replace(model=model, image_size=int(size), batch_size=int(batch) * count // mesh.devices.size,
+                                  dtype=dtype)
+            logging.info("Benchmarking %s %d px, batch %d, %s on %d device(s).", model, size, row_cfg.batch_size,
+                         dtype, count)
+            name = f"{model}_{size}px_b{row_cfg.batch_size}_{dtype}" + (f"_{count}dev" if len(counts) > 1 else "")
+            row_trace = None if trace_dir is None else Path(trace_dir) / name
+            row = benchmark_one(row_cfg, train.make_mesh(mesh.devices.flat[:count]), steps=steps, trace_dir=row_trace)
+            rate_key = (int(size), row_cfg.batch_size // jax.process_count())
+            if rate_key not in input_rates:
+                input_rates[rate_key] = stream.loader_throughput(*rate_key, cfg.data_workers)
+            rows.append({**row, "input_slices_per_s": input_rates[rate_key]})
+    add_scaling(rows)
     if peer == "torch":
         attach_peer(rows, peer_rows(models, image_sizes, batch_sizes, dtypes, steps))
     meta = {"jax_version": jax.__version__, "backend": jax.default_backend(),
             "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "timed_steps": steps, "cpu_keeps_freed_memory": cpu.KEEPING_FREED_MEMORY}
+            "timed_steps": steps, "cpu_keeps_freed_memory": cpu.KEEPING_FREED_MEMORY,
+            "n_processes": jax.process_count(), "data_workers": cfg.data_workers}
+    if not distributed.is_writer():
+        return rows
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = markdown_table(rows)

@@ -40,6 +40,10 @@ class Config:
                                  "(by default it is skipped with a warning and listed in split.json).")
     skull_strip: bool = _field(False, "Train on skull-stripped slices (each volume masked by its computed brain "
                                       "mask), for detection on skull-stripped scans.")
+    data_loader: str = _field("memory", "How training slices reach the step: memory (all in RAM) or grain (streamed "
+                                        "from a memory-mapped .npy store through grain; the same batches).")
+    data_workers: int = _field(0, "grain loader: worker processes that read batches ahead (0: threads of the "
+                                  "training process, the fastest for a local store; more for slow file systems).")
     # Corruptions and augmentation.
     corruptions: str = _field("original", "Corruption policy of training: original, augmented, augmented_wide, "
                                           "realistic, none, or a spec such as 'patch+oneof(downsample,gibbs,ghost)'.")
@@ -94,7 +98,7 @@ class Config:
         for name, (value, least) in at_least.items():
             if value is not None and value < least:
                 raise UserError(f"--{name} must be at least {least}, got {value}.")
-        for name in ("patch_weight", "warmup_steps"):
+        for name in ("patch_weight", "warmup_steps", "data_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
         if not 0 < self.val_fraction < 1:
@@ -126,3 +130,5 @@ RESUMABLE_FIELDS = frozenset(
     {"epochs", "max_steps", "max_train_minutes", "checkpoint_every_steps", "keep_checkpoints",
      "eval_batch_size", "cache_dir", "conv_impl", "strict", "skip_nonfinite"}
 )
+# How the training slices reach the step changes nothing trained: both loaders give the same batches.
+RESUMABLE_FIELDS |= {"data_loader", "data_workers"}

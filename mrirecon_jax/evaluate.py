@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mrirecon_jax import baselines, corruptions, metrics, plots, train
+from mrirecon_jax import baselines, corruptions, distributed, metrics, plots, train
 from mrirecon_jax.config import UserError
 from mrirecon_jax.data import dataset as dataset_lib
 from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, Workdir
@@ -112,9 +112,10 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
         results[name] = {"policy": policy.spec, **summarise(scores, n_subjects)}
         if name != RUN_POLICY:
             catalogue_scores.append(scores)
-        plots.save_sample_grid(work.figure(EVAL_DIR, f"samples_{name}"), slices["corrupted"][shown],
-                               slices["reconstructed"][shown], slices["clean"][shown], slices["masks"][shown],
-                               row_labels=[f"{name}, slice {i}" for i in shown])
+        if distributed.is_writer():
+            plots.save_sample_grid(work.figure(EVAL_DIR, f"samples_{name}"), slices["corrupted"][shown],
+                                   slices["reconstructed"][shown], slices["clean"][shown], slices["masks"][shown],
+                                   row_labels=[f"{name}, slice {i}" for i in shown])
     if catalogue_scores:
         results[OVERALL] = {"policy": "every catalogue kind above, each slice once per kind",
                             **summarise(_pool(catalogue_scores), n_subjects)}
@@ -125,8 +126,9 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
         "data": dataset.source, "subjects": subjects, "n_subjects": n_subjects, "n_slices": int(len(images)),
         "baseline_definitions": baselines.DESCRIPTIONS, "kinds": results,
     }
-    work.write_evaluation(report)
-    save_training_figures(work)
+    if distributed.is_writer():  # every process evaluated every slice; process 0 writes
+        work.write_evaluation(report)
+        save_training_figures(work)
     return report
 
 

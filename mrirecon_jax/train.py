@@ -31,10 +31,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mrirecon_jax import corruptions, losses, metrics, plots
+from mrirecon_jax import corruptions, distributed, losses, metrics, plots
 from mrirecon_jax import summaries as summaries_lib
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import dataset as dataset_lib
+from mrirecon_jax.data import stream
 from mrirecon_jax.data.normalise import denormalise, normalise_input
 from mrirecon_jax.models import unet
 from mrirecon_jax.workdir import Workdir
@@ -69,13 +70,15 @@ def parse_policy(spec: str, flag: str = "--corruptions") -> corruptions.Policy:
 
 
 def device_description() -> str:
-    """The devices a run trains on, as its metrics record them: "1 x NVIDIA H200", "1 x cpu (AMD EPYC, 2 cores)"."""
+    """The devices a run trains on, as its metrics record them: "1 x NVIDIA H200", "1 x cpu (AMD EPYC, 2 cores)",
+    "16 x NVIDIA H200 in 2 processes"."""
     devices = jax.devices()
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         kind = f"{kind} ({_processor_name()}, {cores} cores)"
-    return f"{len(devices)} x {kind}"
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{len(devices)} x {kind}{processes}"
 
 
 def _processor_name() -> str:
@@ -86,9 +89,27 @@ def _processor_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh over every device of the default backend; the batch is sharded along its `data` axis."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process); the batch is sharded along its `data`
+    axis, parameters and optimizer state are replicated."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh, flag: str = "--batch_size") -> None:
+    """Refuse a global batch that the mesh's devices cannot share equally."""
+    if batch_size % mesh.devices.size:
+        raise UserError(f"{flag}={batch_size} must be a multiple of the {mesh.devices.size} devices.")
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The global batch of which this process holds the rows `local` (each process feeds its own part)."""
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def shared_batch(full: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global batch that every process holds whole (the same rows on each), sharded as `sharding` says."""
+    return jax.make_array_from_process_local_data(sharding, full, full.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +265,9 @@ def evaluate_slices(eval_step: Callable, params, images: np.ndarray, batch_size:
     slices that have a patch) and of the thesis's own SSIM (THESIS_SUMMARY), the same standard metrics for the
     corrupted input under "input_*", per-kind SSIM, and the output standard deviation; samples holds the first batch's corrupted inputs, outputs and masks (numpy), or with
     `keep_all` those of every slice in order (and "clean"), with each slice's metrics under "per_slice".
+    Every process evaluates every slice (each batch sharded over all devices, the results gathered), so each
+    gets the summary one process would; `batch_size` is rounded up to a multiple of the devices, which changes
+    no result.
     """
     n_dev = mesh.devices.size
     batch_size = max(n_dev, math.ceil(min(batch_size, len(images)) / n_dev) * n_dev)
@@ -256,16 +280,16 @@ def evaluate_slices(eval_step: Callable, params, images: np.ndarray, batch_size:
         indices = np.arange(start, start + batch_size, dtype=np.int32)
         if count < batch_size:  # pad with copies; padded rows are dropped below
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)])
-        out, (corrupted, pred, masks) = eval_step(params, jax.device_put(batch, sharding),
-                                                  jax.device_put(indices, sharding))
-        out = {name: np.asarray(values)[:count] for name, values in out.items()}
-        thesis = metrics.thesis_metrics(np.asarray(pred)[:count], batch[:count], np.asarray(masks)[:count])
+        out, (corrupted, pred, masks) = distributed.to_host(eval_step(params, shared_batch(batch, sharding),
+                                                                      shared_batch(indices, sharding)))
+        out = {name: values[:count] for name, values in out.items()}
+        thesis = metrics.thesis_metrics(pred[:count], batch[:count], masks[:count])
         out.update(thesis_ssim_slice=thesis["ssim_slice"], thesis_ssim_patch=thesis["ssim_patch"])
         for name, values in out.items():
             per_slice.setdefault(name, []).append(values)
         if keep_all or not kept:
             for name, array in (("corrupted", corrupted), ("reconstructed", pred), ("masks", masks), ("clean", batch)):
-                kept.setdefault(name, []).append(np.asarray(array)[:count])
+                kept.setdefault(name, []).append(array[:count])
     values = {name: np.concatenate(parts) for name, parts in per_slice.items()}
     samples = {name: np.concatenate(parts) for name, parts in kept.items()}
     if keep_all:
@@ -283,6 +307,25 @@ def evaluate_slices(eval_step: Callable, params, images: np.ndarray, batch_size:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+def gathered_split(dataset: dataset_lib.Dataset) -> tuple[dict, np.ndarray]:
+    """(what split.json records, each process's number of training slices): the dataset's report with what each
+    process's share holds alone (training subjects and slices, subjects and files skipped, repairs) gathered;
+    the validation side, the same on every process, as it is."""
+    def union(strings):
+        return sorted({s for share in distributed.gather_strings(strings) for s in share})
+
+    counts = distributed.gather(len(dataset.train))
+    split = dataset.report()
+    if len(counts) > 1:
+        split.update(train_subjects=union(dataset.train_subjects), n_train_slices=int(counts.sum()),
+                     train_slices_per_process=[int(c) for c in counts],
+                     skipped_subjects=union(dataset.skipped_subjects), skipped_files=union(dataset.skipped),
+                     repaired_files=union(dataset.repaired))
+        split.update(n_subjects_skipped=len(split["skipped_subjects"]),
+                     n_subjects_used=len(split["train_subjects"]) + len(split["val_subjects"]))
+    return split, counts
+
 
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks, so training stops with a final validation."""
@@ -337,22 +380,31 @@ def train_and_evaluate(cfg: Config, workdir, allow_config_change: bool = False) 
     policy = parse_policy(cfg.corruptions)
     val_policy = parse_policy(cfg.eval_policy, "--val_corruptions")
     mesh = make_mesh()
-    if cfg.batch_size % mesh.devices.size:
-        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the {mesh.devices.size} devices.")
-    # Check every name before the data is read: model, schedule, augmentation, loss.
+    check_batch(cfg.batch_size, mesh)
+    # Check every name before the data is read: model, schedule, augmentation, loss, loader.
     build_model(cfg), learning_rate_schedule(cfg, 1), parse_augmentation(cfg.augment), losses.get_loss(cfg.loss)
+    stream.check_loader(cfg.data_loader)
     work.check_resumable(cfg, allow_config_change)
-    with work.lock():
+    writer = distributed.is_writer()
+    with work.lock(enabled=writer):  # in a multi-process run, process 0 holds the workdir
         work.check_resumable(cfg, allow_config_change)  # again, now that no other run can change it
-        dataset = dataset_lib.load_dataset(cfg)
-        return _train(cfg, work, dataset, policy, val_policy, mesh, allow_config_change)
+        cache = stream.streamed if cfg.data_loader == "grain" else None  # grain: training slices stay on disk
+        dataset = dataset_lib.load_dataset(cfg, distributed.share(), cache)
+        return _train(cfg, work, dataset, policy, val_policy, mesh, allow_config_change, writer)
 
 
-def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_config_change: bool) -> dict:
-    """The loop of train_and_evaluate, on a locked workdir and a loaded dataset."""
-    steps_per_epoch = len(dataset.train) // cfg.batch_size
+def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_config_change: bool,
+           writer: bool) -> dict:
+    """The loop of train_and_evaluate, on a locked workdir and a loaded dataset (this process's share)."""
+    # Each process holds its share of the training subjects: steps per epoch follow the smallest share.
+    local_batch = cfg.batch_size // jax.process_count()
+    split, local_counts = gathered_split(dataset)
+    steps_per_epoch = int(local_counts.min()) // local_batch
     if steps_per_epoch == 0:
-        raise UserError(f"--batch_size={cfg.batch_size} is larger than the {len(dataset.train)} training slices.")
+        raise UserError(f"--batch_size={cfg.batch_size} is larger than the {len(dataset.train)} training slices."
+                        if jax.process_count() == 1 else f"--batch_size={cfg.batch_size} needs {local_batch} "
+                        f"training slices on each of the {jax.process_count()} processes; one has "
+                        f"{int(local_counts.min())}.")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -360,7 +412,7 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     train_step = make_train_step(cfg, graphdef, tx, policy)
     eval_step = make_eval_step(graphdef, val_policy, cfg.seed, cfg.nonnegative)
     logging.info("Data: %s; %d train / %d val slices; %d steps per epoch; model %s with %d parameters.",
-                 dataset.source, len(dataset.train), len(dataset.val), steps_per_epoch, cfg.model,
+                 dataset.source, split["n_train_slices"], len(dataset.val), steps_per_epoch, cfg.model,
                  sum(x.size for x in jax.tree.leaves(state["params"])))
 
     manager = work.checkpoint_manager(cfg.keep_checkpoints)
@@ -376,10 +428,11 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
                  **jax.device_put(counters(step, meta["nonfinite_updates"]), replicated)}
         logging.info("Resumed from step %d in %s.", step, work)
     step = int(state["step"])
-    work.record_config(cfg, allow_config_change, step)
-    work.write_split(dataset.report())
-    if work.keep_metrics_through(step):
-        logging.info("Dropped the metrics lines after step %d, the checkpoint resumed from.", step)
+    if writer:
+        work.record_config(cfg, allow_config_change, step)
+        work.write_split(split)
+        if work.keep_metrics_through(step):
+            logging.info("Dropped the metrics lines after step %d, the checkpoint resumed from.", step)
     batch_sharding = NamedSharding(mesh, P("data"))
     device = device_description()
 
@@ -406,7 +459,7 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
                   "train_loss": _mean_finite(train_losses), **summary, "device": device,
                   "nonfinite_updates": meta["nonfinite_updates"], "stopped_by": stopped_by,
                   "complete": stopped_by in ("planned_end", "time_budget")}
-        if log:
+        if log and writer:
             work.append_metrics(record)
             summaries.validation(record, samples)
             pause_point("metrics", step)
@@ -427,14 +480,13 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     started = time.perf_counter()
     segment_start, segment_step = started, step
     stopped_early = False
-    with contextlib.closing(manager), _StopRequest() as stop, \
-            tqdm(total=total_steps, initial=step, unit="step", disable=None, dynamic_ncols=True) as bar, \
-            summaries_lib.TrainingSummaries(work.tensorboard_dir, jax.process_index() == 0, step) as summaries:
+    batches = stream.training_batches(cfg, dataset.train, steps_per_epoch, local_batch, step, total_steps)
+    with contextlib.closing(manager), contextlib.closing(batches), _StopRequest() as stop, \
+            tqdm(total=total_steps, initial=step, unit="step", disable=None if writer else True,
+                 dynamic_ncols=True) as bar, \
+            summaries_lib.TrainingSummaries(work.tensorboard_dir, writer, step) as summaries:
         while step < total_steps:
-            epoch, within = divmod(step, steps_per_epoch)
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(dataset.train))
-            batch = dataset.train[order[within * cfg.batch_size:(within + 1) * cfg.batch_size]]
-            state, loss = train_step(state, jax.device_put(batch, batch_sharding))
+            state, loss = train_step(state, global_batch(next(batches), batch_sharding))
             train_losses.append(loss)
             step += 1
             bar.update(1)
@@ -472,8 +524,9 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     if record is None:  # nothing left to train: report on what the workdir holds, log nothing new
         logging.info("The run in %s is already complete at step %d.", work, step)
         record, samples = validate(step / steps_per_epoch, [], log=False)
-    shown = np.unique(np.linspace(0, len(samples["clean"]) - 1, 5).astype(int))
-    plots.save_sample_grid(work.samples_file, samples["corrupted"][shown], samples["reconstructed"][shown],
-                           samples["clean"][shown], samples["masks"][shown])
+    if writer:
+        shown = np.unique(np.linspace(0, len(samples["clean"]) - 1, 5).astype(int))
+        plots.save_sample_grid(work.samples_file, samples["corrupted"][shown], samples["reconstructed"][shown],
+                               samples["clean"][shown], samples["masks"][shown])
     record["stopped_early"] = stopped_early
     return record

@@ -99,19 +99,21 @@ def test_a_folder_with_bad_files_skips_each_by_name_and_strict_refuses(tmp_path,
     data = _folder_with_bad_files(tmp_path / "data")
     cfg = Config(data_dir=str(data), slices=4, image_size=16, cache_dir=str(tmp_path / "cache"))
     built = dataset.load_dataset(cfg)
-    assert len(built.skipped) == len(REFUSED) and built.n_subjects_skipped == len(REFUSED)
+    assert len(built.skipped) == len(REFUSED) and len(built.skipped_subjects) == len(REFUSED)
     for name, (_, words) in REFUSED.items():
         (sentence,) = [s for s in built.skipped if f"-{name}-T1" in s]
         assert words in sentence
         assert any(f"-{name}-T1" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     assert sorted(re.search(r"IXI\d+-(\w+)-T1", r).group(1) for r in built.repaired) == sorted(REPAIRED)
     used = set(built.train_subjects) | set(built.val_subjects)
-    assert len(used) == 4 + len(REPAIRED) and built.val_subjects  # the split is over the usable subjects
+    assert len(used) == 4 + len(REPAIRED) and built.val_subjects
     assert len(built.train) == 4 * len(built.train_subjects)
     report = built.report()
     assert report["n_subjects_used"] == len(used) and report["skipped_files"] == list(built.skipped)
+    assert report["n_subjects_skipped"] == len(REFUSED)
+    assert set(report["skipped_subjects"]) == {f"IXI{200 + i}" for i in range(len(REFUSED))}
     again = dataset.load_dataset(cfg)  # from the cache: the same record of what was skipped
-    assert again.cache_hit and again.skipped == built.skipped and again.n_subjects_skipped == len(REFUSED)
+    assert again.cache_hit and again.skipped == built.skipped and again.skipped_subjects == built.skipped_subjects
     with pytest.raises(UserError, match="--strict refuses") as refused:
         dataset.load_dataset(cfg.replace(strict=True))
     assert "IXI2" in str(refused.value)

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from absl import logging
 
+from mrirecon_jax import distributed
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import demo, volumes
 from mrirecon_jax.data.prepare import prepare_volume
@@ -59,7 +60,7 @@ class Dataset:
     source: str  # one human sentence saying where the slices came from
     skipped: tuple[str, ...] = ()  # one sentence per file of the chosen subjects that was skipped, and why
     repaired: tuple[str, ...] = ()  # one sentence per repair made to a file that was used
-    n_subjects_skipped: int = 0  # chosen subjects left without any usable file
+    skipped_subjects: tuple[str, ...] = ()  # chosen subjects left without any usable file
     cache_path: Optional[str] = None  # the cache file read or written; None when caching was not possible
     cache_hit: bool = False
 
@@ -68,27 +69,20 @@ class Dataset:
         return {"source": self.source, "train_subjects": list(self.train_subjects),
                 "val_subjects": list(self.val_subjects), "n_train_slices": len(self.train),
                 "n_val_slices": len(self.val), "n_subjects_used": len(self.train_subjects) + len(self.val_subjects),
-                "n_subjects_skipped": self.n_subjects_skipped, "skipped_files": list(self.skipped),
-                "repaired_files": list(self.repaired)}
-
-
-def subject_order(ids: Sequence[str], seed: int) -> list[str]:
-    """The distinct subjects in the run's seeded order: the split takes validation from its front."""
-    unique = sorted(set(ids))
-    return [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
-
-
-def _cut(ordered: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    if len(ordered) < 2:
-        raise UserError(f"A train/validation split needs at least 2 subjects, found {len(ordered)}.")
-    n_val = min(max(1, round(val_fraction * len(ordered))), len(ordered) - 1)
-    return sorted(ordered[n_val:]), sorted(ordered[:n_val])
+                "n_subjects_skipped": len(self.skipped_subjects), "skipped_subjects": list(self.skipped_subjects),
+                "skipped_files": list(self.skipped), "repaired_files": list(self.repaired)}
 
 
 def split_subjects(ids: Sequence[str], val_fraction: float, seed: int,
                    max_subjects: Optional[int] = None) -> tuple[list[str], list[str]]:
     """Disjoint (train, val) subject lists, each sorted; deterministic for a seed."""
-    return _cut(subject_order(ids, seed)[:max_subjects], val_fraction)
+    unique = sorted(set(ids))
+    if len(unique) < 2:
+        raise UserError(f"A train/validation split needs at least 2 subjects, found {len(unique)}.")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    chosen = [unique[i] for i in order][:max_subjects]
+    n_val = min(max(1, round(val_fraction * len(chosen))), len(chosen) - 1)
+    return sorted(chosen[n_val:]), sorted(chosen[:n_val])
 
 
 def volume_readers(data_dir: Optional[str]) -> tuple[list[tuple[str, Reader]], object, str]:
@@ -122,7 +116,7 @@ def _cache_file(cfg: Config, key: dict) -> Optional[Path]:
 
 
 _ARRAYS = ("train", "val", "train_slice_subject", "val_slice_subject")
-_STRINGS = ("train_subjects", "val_subjects", "skipped", "repaired")
+_STRINGS = ("train_subjects", "val_subjects", "skipped", "repaired", "skipped_subjects")
 
 
 def _read_cache(path: Path) -> Optional[Dataset]:
@@ -130,8 +124,7 @@ def _read_cache(path: Path) -> Optional[Dataset]:
         with np.load(path, allow_pickle=False) as npz:
             return Dataset(**{name: npz[name] for name in _ARRAYS},
                            **{name: tuple(str(s) for s in npz[name]) for name in _STRINGS},
-                           source=str(npz["source"]), n_subjects_skipped=int(npz["n_subjects_skipped"]),
-                           cache_path=str(path), cache_hit=True)
+                           source=str(npz["source"]), cache_path=str(path), cache_hit=True)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         warnings.warn(f"Cache file {path} is unreadable ({error}); rebuilding it.", stacklevel=3)
         return None
@@ -146,7 +139,7 @@ def _write_cache(path: Path, dataset: Dataset) -> bool:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{name: getattr(dataset, name) for name in _ARRAYS},
                      **{name: np.array(getattr(dataset, name), dtype=str) for name in _STRINGS},
-                     source=np.array(dataset.source), n_subjects_skipped=np.array(dataset.n_subjects_skipped))
+                     source=np.array(dataset.source))
         os.replace(temp, path)
         return True
     except OSError as error:
@@ -174,28 +167,24 @@ def _cached(cfg: Config, key: dict, build: Callable[[], Dataset]) -> Dataset:
                         f"({len(dataset.skipped)} in all).")
     if dataset.skipped:
         logging.warning("Data: %d file(s) skipped, %d subject(s) left without a usable file; the run's split.json "
-                        "lists them.", len(dataset.skipped), dataset.n_subjects_skipped)
+                        "lists them.", len(dataset.skipped), len(dataset.skipped_subjects))
     logging.info("Data: %s %d train / %d validation slices.", dataset.source, len(dataset.train), len(dataset.val))
     return dataset
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
 
-def _prepare_subjects(cfg: Config, readers, subjects: Sequence[str], limit: Optional[int] = None):
-    """Prepare the files of `subjects`, in that order, as every job does (prepare_volume), until `limit` subjects
-    have a usable file; an unusable file is skipped with a warning. Returns ({subject: [clean slices per file]}
-    of the usable subjects, subjects tried, skipped sentences, repair sentences)."""
+def _prepare_subjects(cfg: Config, readers, subjects: Sequence[str]):
+    """Prepare the files of `subjects` as every job does (prepare_volume); an unusable file is skipped with a
+    warning. Returns ({subject: [clean slices per file]} of the usable subjects, skipped sentences, repair
+    sentences)."""
     files: dict[str, list[Reader]] = {}
     for subject, read in readers:
         files.setdefault(subject, []).append(read)
     prepared: dict[str, list[np.ndarray]] = {}
     skipped: list[str] = []
     repaired: list[str] = []
-    tried = 0
     for subject in subjects:
-        if limit is not None and len(prepared) >= limit:
-            break
-        tried += 1
         for read in files[subject]:
             repairs: list[str] = []
             try:
@@ -206,48 +195,55 @@ def _prepare_subjects(cfg: Config, readers, subjects: Sequence[str], limit: Opti
                 continue
             prepared.setdefault(subject, []).append(slices)
             repaired.extend(repairs)
-    return prepared, tried, skipped, repaired
+    return prepared, skipped, repaired
 
 
 def _assemble(cfg: Config, prepared: dict, train_ids: Sequence[str], val_ids: Sequence[str], source: str,
-              tried: int, skipped: list, repaired: list) -> Dataset:
-    """Stack the prepared slices of the train and validation subjects into a Dataset."""
-    sides = []
-    for ids in (train_ids, val_ids):
-        parts = [(i, p) for i, s in enumerate(ids) for p in prepared[s]]
+              skipped: list, repaired: list) -> Dataset:
+    """Stack the prepared slices of the train and validation subjects (those with a usable file) into a Dataset;
+    a side whose subjects all lack one is an error."""
+    sides, used_sides = [], []
+    for what, ids in (("training", train_ids), ("validation", val_ids)):
+        used = [s for s in ids if s in prepared]
+        if ids and not used:
+            raise UserError(f"No {what} subject has a usable file{_nothing_usable(skipped)}")
+        used_sides.append(tuple(used))
+        parts = [(i, p) for i, s in enumerate(used) for p in prepared[s]]
         images = np.concatenate([p for _, p in parts]) if parts else np.zeros((0, cfg.image_size,
                                                                                 cfg.image_size, 1), np.float32)
         owners = np.concatenate([np.full(len(p), i, np.int32) for i, p in parts]) if parts else np.zeros(0, np.int32)
         sides.append((images, owners))
     (train, train_owner), (val, val_owner) = sides
-    return Dataset(train=train, val=val, train_subjects=tuple(train_ids), val_subjects=tuple(val_ids),
+    return Dataset(train=train, val=val, train_subjects=used_sides[0], val_subjects=used_sides[1],
                    train_slice_subject=train_owner, val_slice_subject=val_owner, source=source,
-                   skipped=tuple(skipped), repaired=tuple(repaired), n_subjects_skipped=tried - len(prepared))
+                   skipped=tuple(skipped), repaired=tuple(repaired),
+                   skipped_subjects=tuple(s for s in (*train_ids, *val_ids) if s not in prepared))
 
 
 def _nothing_usable(skipped: list) -> str:
     return f"; {len(skipped)} file(s) were skipped, the first because: {skipped[0]}" if skipped else "."
 
 
-def load_dataset(cfg: Config) -> Dataset:
+def load_dataset(cfg: Config, share: tuple[int, int] = (0, 1), cache: Optional[Callable] = None) -> Dataset:
     """Subject-split clean slices for a config: from cfg.data_dir, or the demo source when it is None; cached.
 
-    The split is made over the subjects with a usable file, in the seeded order (the first cfg.max_subjects of
-    them), so a broken file neither empties the validation set nor changes which subjects the others go to.
+    `share` = (process index, process count): the training subjects are those of that process's share
+    (``distributed.process_share``), the validation subjects all of them. `cache(cfg, key, build)` reads or builds
+    the dataset of a key (default: the .npz cache; ``data.stream.streamed`` keeps the training slices on disk).
+    The split is made over every subject found; a subject without a usable file drops out of its side.
     """
     readers, inputs, source = volume_readers(cfg.data_dir)
 
     def build():
-        order = subject_order([s for s, _ in readers], cfg.seed)
-        prepared, tried, skipped, repaired = _prepare_subjects(cfg, readers, order, cfg.max_subjects)
-        usable = [s for s in order if s in prepared]
-        if len(usable) < 2:
-            raise UserError(f"A train/validation split needs at least 2 subjects with a usable file, found "
-                            f"{len(usable)}{_nothing_usable(skipped)}")
-        train_ids, val_ids = _cut(usable, cfg.val_fraction)
-        return _assemble(cfg, prepared, train_ids, val_ids, source, tried, skipped, repaired)
+        train_ids, val_ids = split_subjects([s for s, _ in readers], cfg.val_fraction, cfg.seed, cfg.max_subjects)
+        train_ids = distributed.process_share(train_ids, *share)
+        prepared, skipped, repaired = _prepare_subjects(cfg, readers, train_ids + val_ids)
+        return _assemble(cfg, prepared, train_ids, val_ids, source, skipped, repaired)
 
-    return _cached(cfg, {"inputs": inputs, **{name: getattr(cfg, name) for name in SPLIT_SETTINGS}}, build)
+    key = {"inputs": inputs, **{name: getattr(cfg, name) for name in SPLIT_SETTINGS}}
+    if share[1] > 1:
+        key["process_share"] = list(share)
+    return (cache or _cached)(cfg, key, build)
 
 
 def load_unseen_subjects(cfg: Config, data_dir) -> Dataset:
@@ -258,10 +254,8 @@ def load_unseen_subjects(cfg: Config, data_dir) -> Dataset:
 
     def build():
         subjects = sorted({s for s, _ in readers})
-        prepared, tried, skipped, repaired = _prepare_subjects(cfg, readers, subjects)
-        if not prepared:
-            raise UserError(f"No file in {data_dir} is usable{_nothing_usable(skipped)}")
-        return _assemble(cfg, prepared, [], sorted(prepared), f"{source[:-1]}, every subject (no split).", tried,
-                         skipped, repaired)
+        prepared, skipped, repaired = _prepare_subjects(cfg, readers, subjects)
+        return _assemble(cfg, prepared, [], subjects, f"{source[:-1]}, every subject (no split).", skipped,
+                         repaired)
 
     return _cached(cfg, {"every_subject": inputs}, build)
