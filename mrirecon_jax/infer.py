@@ -185,8 +185,10 @@ def reconstruct(run, input_path, output_path, *, checkpoint: str = "best", resam
     inputs = prepared.slices
     if corrupt:
         inputs = _corrupt(inputs, corrupt, predictor.cfg.seed if seed is None else seed)
+    reconstruction = predict(predictor, inputs).reconstruction  # before any write: a failure leaves no output
+    if corrupt:
         _write(inputs, prepared, outputs[1], input_path, resample_to_input)
-    _write(predict(predictor, inputs).reconstruction, prepared, output_path, input_path, resample_to_input)
+    _write(reconstruction, prepared, output_path, input_path, resample_to_input)
     return {"outputs": [str(p) for p in outputs], "model": predictor.source, "slices": len(inputs),
             "grid": "input" if resample_to_input else f"model ({predictor.cfg.image_size} px in-plane)",
             "units": "input intensity units"}
