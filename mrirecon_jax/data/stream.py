@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -57,6 +58,9 @@ def batch_indices(seed: int, step: int, steps_per_epoch: int, batch_size: int, n
     return _epoch_order(seed, epoch, n)[within * batch_size:(within + 1) * batch_size]
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class _ReadBatch(grain.transforms.Map):
     """grain transform: step -> that step's batch, read from an array or (re-opened in each worker) a .npy file."""
 
@@ -69,7 +73,9 @@ class _ReadBatch(grain.transforms.Map):
 
     def map(self, step):
         if self._slices is None:
-            self._slices = np.load(self._source, mmap_mode="r")
+            with _OPEN_LOCK:  # grain's threads map at once; CPython 3.11's parser (np.load's header) is not safe
+                if self._slices is None:
+                    self._slices = np.load(self._source, mmap_mode="r")
         indices = batch_indices(self._order[0], int(step), *self._order[1:])
         return np.asarray(self._slices[indices])
 
