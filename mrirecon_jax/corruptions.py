@@ -554,7 +554,11 @@ CORRUPTIONS: dict[str, Callable] = {
                                     restore_centre="any", real_probability=0.5),
 }
 
-def grid_mask(height, width, cells=8, phase=0, phases=4, offset=(0, 0)):
+INPAINT_CELLS = 8  # squares per side of the inpainting grid
+INPAINT_PHASES = 4  # complementary phases that together hide every pixel once
+
+
+def grid_mask(height, width, cells=INPAINT_CELLS, phase=0, phases=INPAINT_PHASES, offset=(0, 0)):
     """(H, W) bool mask of one phase of a square grid: squares of side H // cells (W // cells), the grid shifted by
     ``offset`` (rows, columns) pixels; square (i, j) belongs to phase (i mod 2) * 2 + (j mod 2) for 4 phases, to
     (i + j) mod 2 for 2. The ``phases`` masks of one offset are disjoint and cover the image exactly once, and each
@@ -571,7 +575,7 @@ def grid_mask(height, width, cells=8, phase=0, phases=4, offset=(0, 0)):
     return square == phase
 
 
-def inpaint_grid(key, image, cells=8, phases=4):
+def inpaint_grid(key, image, cells=INPAINT_CELLS, phases=INPAINT_PHASES):
     """Masked inpainting (issue 15): one phase of :func:`grid_mask`, drawn with a random grid offset, hidden (set
     to 0); returns ``(image, mask)`` like the line patch, so ``--patch_weight`` weights the hidden pixels. At
     detection every phase at offset 0 is hidden in turn, and a pixel's score is the error when it was hidden."""

@@ -101,3 +101,12 @@ def _prepare_aligned(volume, zooms, cfg: Config, brain: Optional[np.ndarray], na
                                                   align.brain_slices(geometry_lib.plane_axis(cfg.plane)))
     return PreparedVolume(slices=np.clip(slices, 0.0, 1.0), geometry=geometry, zooms=aligned.zooms,
                           brain=grid_mask(mask, aligned.zooms, geometry), aligned=aligned)
+
+
+def template_brain(cfg: Config) -> np.ndarray:
+    """(n, S, S) bool: the template's brain mask on the model grid, sliced as --preprocess=brain slices volumes
+    (the brain of every skull-on volume it prepares)."""
+    atlas = align.template()
+    _, geometry = geometry_lib.volume_slices(atlas.brain.astype(np.float32), atlas.zooms, cfg.plane, cfg.image_size,
+                                             align.brain_slices(geometry_lib.plane_axis(cfg.plane)))
+    return grid_mask(atlas.brain, atlas.zooms, geometry)
