@@ -152,7 +152,12 @@ def _read_mask(path, what: str, input_path, shape) -> np.ndarray:
 def _write(slices: np.ndarray, prepared: PreparedVolume, output, input_path, resample_to_input: bool) -> None:
     """Write (n, S, S) slices as a float32 NIfTI on the model grid, or resampled onto the input file's grid;
     atomically, so a failure leaves no partial file."""
-    affine = geometry.model_grid_affine(prepared.geometry, volumes.canonical_affine(input_path))
+    aligned = prepared.aligned is not None
+    if aligned and resample_to_input:
+        raise UserError("--resample_to_input is not available with --preprocess=brain: outputs are written in "
+                        "MNI152 template space.")
+    affine = geometry.model_grid_affine(prepared.geometry, prepared.aligned.affine if aligned
+                                        else volumes.canonical_affine(input_path))
     image = nib.Nifti1Image(geometry.slices_to_volume(slices, prepared.geometry).astype(np.float32), affine)
     image.header.set_xyzt_units("mm")
     if resample_to_input:
@@ -224,7 +229,7 @@ def detect(run, input_path, output_path, *, checkpoint: str = "best", brain_mask
                "brain_pixels": int(prepared.brain.sum()), "units": "normalised residual"}
     if lesion_mask_path is not None:
         lesion = _read_mask(lesion_mask_path, "lesion mask", input_path, volume.shape)
-        truth = grid_mask(lesion, zooms, prepared.geometry)
+        truth = prepared.on_grid(lesion)
         summary["lesion_mask"] = str(lesion_mask_path)
         summary["scores_over"] = "brain-mask pixels of the model grid"
         summary.update(metrics.detection_scores(amap[prepared.brain], truth[prepared.brain]))
@@ -352,7 +357,7 @@ def detect_eval(workdir, data_dir: Optional[str] = None, *, checkpoint: str = "b
     results = {"model": predictor.source, "residual": residual, "subjects": cases.subjects,
                "slices_per_kind": int(len(cases.clean)), "seed": seed, "image_size": cfg.image_size,
                "plane": cfg.plane, "slab": {"slices": cfg.slices, "slab_mm": cfg.slab_mm},
-               "skull_strip": cfg.skull_strip, "brain_mask": "computed (data.brain.brain_mask)",
+               "preprocess": cfg.preprocess, "brain_mask": "computed (data.brain.brain_mask)",
                "scores_over": "brain-mask pixels, pooled", **scores}
     work.write_detection(results)
     _save_cases(work.figure(DETECT_DIR, "cases"), maps, cases.owner, cases.subjects)

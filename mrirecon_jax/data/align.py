@@ -37,6 +37,8 @@ def _sitk():
         import SimpleITK
     except ImportError:  # pragma: no cover - pinned in requirements.txt
         raise UserError("--preprocess=brain needs SimpleITK (pip install SimpleITK==2.5.7).") from None
+    # One thread: the metric's sums then run in one order, so the same file always gives the same slices.
+    SimpleITK.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     return SimpleITK
 
 
