@@ -95,10 +95,15 @@ def _check_residual(residual: str) -> None:
 def anomaly_map(inputs: np.ndarray, reconstructions: np.ndarray, brain: np.ndarray, residual: str = "abs"):
     """(n, H, W) anomaly map: the residual input - reconstruction (abs, or its pos / neg part), median-filtered
     in-plane over MEDIAN_FILTER_PX pixels, 0 outside the brain mask."""
+    return postprocess(_signed(np.asarray(inputs, np.float32) - np.asarray(reconstructions, np.float32), residual),
+                       brain)
+
+
+def _signed(difference: np.ndarray, residual: str) -> np.ndarray:
+    """input - reconstruction as the residual asks: abs, or its pos (brighter than expected) or neg part."""
     _check_residual(residual)
-    difference = np.asarray(inputs, np.float32) - np.asarray(reconstructions, np.float32)
-    value = {"abs": np.abs(difference), "pos": np.maximum(difference, 0.0), "neg": np.maximum(-difference, 0.0)}
-    return postprocess(value[residual], brain)
+    return {"abs": np.abs, "pos": lambda d: np.maximum(d, 0.0), "neg": lambda d: np.maximum(-d, 0.0)}[residual](
+        difference)
 
 
 def postprocess(value: np.ndarray, brain: np.ndarray, erode_px: int = 0) -> np.ndarray:
@@ -401,15 +406,15 @@ def check_scores(scores) -> tuple[str, ...]:
 
 
 def _inpainted(predictor: Predictor, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(error, inpainting): every phase of the inpaint grid hidden in turn and inpainted; a pixel's error is
-    |inpainting - input| when it was hidden, in the frame normalise_input gives the whole slice."""
+    """(difference, inpainting): every phase of the inpaint grid hidden in turn and inpainted; a pixel's difference
+    is input - inpainting when it was hidden, in the frame normalise_input gives the whole slice."""
     height, width = slices.shape[1:]
     inpainting = np.zeros_like(slices, dtype=np.float32)
     for phase in range(corruptions.INPAINT_PHASES):
         hidden = np.asarray(corruptions.grid_mask(height, width, phase=phase))
         inpainting[:, hidden] = predict(predictor, np.where(hidden, 0.0, slices)).reconstruction[:, hidden]
     _, _, scale = _normalise_input(jnp.asarray(slices[..., None], jnp.float32))
-    return np.abs(inpainting - slices) / np.asarray(scale)[..., 0], inpainting
+    return (slices - inpainting) / np.asarray(scale)[..., 0], inpainting
 
 
 def score_maps(predictor: Predictor, slices: np.ndarray, brain: np.ndarray, scores, residual: str = "abs",
@@ -420,14 +425,11 @@ def score_maps(predictor: Predictor, slices: np.ndarray, brain: np.ndarray, scor
     for score in scores:
         if score == "residual":
             prediction = predict(predictor, slices)
-            _check_residual(residual)
-            difference = prediction.inputs - prediction.outputs
-            value = {"abs": np.abs(difference), "pos": np.maximum(difference, 0.0),
-                     "neg": np.maximum(-difference, 0.0)}[residual]
+            value = _signed(prediction.inputs - prediction.outputs, residual)
             maps[score] = (postprocess(value, brain, ERODE_PX), prediction.reconstruction)
         elif score == "inpaint":
-            error, inpainting = _inpainted(predictor, slices)
-            maps[score] = (postprocess(error, brain, ERODE_PX), inpainting)
+            difference, inpainting = _inpainted(predictor, slices)
+            maps[score] = (postprocess(_signed(difference, residual), brain, ERODE_PX), inpainting)
     if COMBINED in scores:
         parts = [s for s in scores if s != COMBINED]
         maps[COMBINED] = (np.mean([maps[s][0] / max(thresholds[s], 1e-12) for s in parts], axis=0),
