@@ -106,10 +106,13 @@ def _signed(difference: np.ndarray, residual: str) -> np.ndarray:
         difference)
 
 
-def postprocess(value: np.ndarray, brain: np.ndarray, erode_px: int = 0) -> np.ndarray:
-    """(n, H, W) map median-filtered in-plane over MEDIAN_FILTER_PX pixels, 0 outside the brain mask eroded
-    in-plane by `erode_px` pixels (the brain's rim, where every model errs, is not called anomalous)."""
-    filtered = scipy.ndimage.median_filter(value, size=(1, MEDIAN_FILTER_PX, MEDIAN_FILTER_PX))
+def postprocess(value: np.ndarray, brain: np.ndarray, erode_px: int = 0, median_px: int = MEDIAN_FILTER_PX
+                ) -> np.ndarray:
+    """(n, H, W) map median-filtered in-plane over `median_px` pixels, 0 outside the brain mask eroded in-plane by
+    `erode_px` pixels (the brain's rim, where every model errs, is not called anomalous)."""
+    if median_px < 1:
+        raise UserError(f"--median_px must be at least 1, got {median_px}.")
+    filtered = scipy.ndimage.median_filter(value, size=(1, median_px, median_px))
     if erode_px:
         brain = scipy.ndimage.binary_erosion(brain, np.ones((1, 2 * erode_px + 1, 2 * erode_px + 1), bool))
     return np.where(brain, filtered, 0.0).astype(np.float32)
@@ -418,7 +421,7 @@ def _inpainted(predictor: Predictor, slices: np.ndarray) -> tuple[np.ndarray, np
 
 
 def score_maps(predictor: Predictor, slices: np.ndarray, brain: np.ndarray, scores, residual: str = "abs",
-               thresholds: Optional[dict] = None) -> dict:
+               thresholds: Optional[dict] = None, median_px: int = MEDIAN_FILTER_PX) -> dict:
     """score -> ((n, H, W) post-processed anomaly map, what the model made of the slices); the combined map needs
     the healthy `thresholds` of its parts."""
     maps = {}
@@ -426,10 +429,10 @@ def score_maps(predictor: Predictor, slices: np.ndarray, brain: np.ndarray, scor
         if score == "residual":
             prediction = predict(predictor, slices)
             value = _signed(prediction.inputs - prediction.outputs, residual)
-            maps[score] = (postprocess(value, brain, ERODE_PX), prediction.reconstruction)
+            maps[score] = (postprocess(value, brain, ERODE_PX, median_px), prediction.reconstruction)
         elif score == "inpaint":
             difference, inpainting = _inpainted(predictor, slices)
-            maps[score] = (postprocess(_signed(difference, residual), brain, ERODE_PX), inpainting)
+            maps[score] = (postprocess(_signed(difference, residual), brain, ERODE_PX, median_px), inpainting)
     if COMBINED in scores:
         parts = [s for s in scores if s != COMBINED]
         maps[COMBINED] = (np.mean([maps[s][0] / max(thresholds[s], 1e-12) for s in parts], axis=0),
@@ -453,13 +456,13 @@ def healthy_slices(predictor: Predictor, max_subjects: Optional[int] = None) -> 
     return (np.concatenate([p.clean()[..., 0] for p in prepared]), np.concatenate([p.brain for p in prepared]))
 
 
-def healthy_thresholds(predictor: Predictor, scores, residual: str = "abs",
-                       max_subjects: Optional[int] = None) -> dict:
+def healthy_thresholds(predictor: Predictor, scores, residual: str = "abs", max_subjects: Optional[int] = None,
+                       median_px: int = MEDIAN_FILTER_PX) -> dict:
     """score -> the threshold flagging HEALTHY_FRACTION of the healthy validation brain pixels."""
     slices, brain = healthy_slices(predictor, max_subjects)
     thresholds = {}
     parts = [s for s in scores if s != COMBINED]
-    maps = score_maps(predictor, slices, brain, parts, residual)
+    maps = score_maps(predictor, slices, brain, parts, residual, median_px=median_px)
     for score in parts:
         thresholds[score] = metrics.healthy_threshold(maps[score][0][brain], HEALTHY_FRACTION)
     if COMBINED in scores:
@@ -512,7 +515,7 @@ def lesion_cases(folder) -> list[tuple[str, Path, Path]]:
 
 
 def lesion_eval(workdir, lesion_dir, *, checkpoint: str = "best", scores=("residual",), residual: str = "abs",
-                max_subjects: Optional[int] = None) -> dict:
+                max_subjects: Optional[int] = None, median_px: int = MEDIAN_FILTER_PX) -> dict:
     """Score a run's anomaly maps on real lesion cases; writes WORKDIR/detect/lesions.json and a figure per case.
 
     Per case and score: AUROC, AUPRC (average precision) and the best Dice (an oracle: its threshold is chosen on
@@ -524,8 +527,8 @@ def lesion_eval(workdir, lesion_dir, *, checkpoint: str = "best", scores=("resid
     scores = check_scores(scores)
     cases = lesion_cases(lesion_dir)
     predictor = load_predictor(workdir, checkpoint)
-    thresholds = healthy_thresholds(predictor, scores, residual, max_subjects)
-    results = {"model": predictor.source, "scores": list(scores), "residual": residual,
+    thresholds = healthy_thresholds(predictor, scores, residual, max_subjects, median_px)
+    results = {"model": predictor.source, "scores": list(scores), "residual": residual, "median_px": median_px,
                "preprocess": predictor.cfg.preprocess, "healthy_thresholds": thresholds,
                "healthy_fraction": HEALTHY_FRACTION,
                "scores_over": "brain pixels of the model grid (template space with --preprocess=brain)",
@@ -537,7 +540,7 @@ def lesion_eval(workdir, lesion_dir, *, checkpoint: str = "best", scores=("resid
         prepared = prepare_volume(volume, zooms, predictor.cfg, whole_volume=True, with_brain=True,
                                   name=f"NIfTI file {t1_path}")
         brain, truth = prepared.brain, prepared.on_grid(lesion) & prepared.brain
-        maps = score_maps(predictor, prepared.slices, brain, scores, residual, thresholds)
+        maps = score_maps(predictor, prepared.slices, brain, scores, residual, thresholds, median_px)
         entry = {"t1": str(t1_path), "lesion_mask": str(mask_path),
                  "skull_stripped_input": bool(prepared.aligned.stripped) if prepared.aligned else None}
         for score, (amap, _) in maps.items():
