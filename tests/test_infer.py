@@ -291,7 +291,8 @@ def test_brain_mask_of_skull_on_ixi_and_skull_stripped_glioma():
 
 def test_aligned_preprocessing_is_cached_apart(tmp_path):
     """--preprocess=brain is part of the slice-cache key, so a second run of it reads the cache, not registers again."""
-    cfg = Config(data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), image_size=32, slices=4, slab_mm=None)
+    cfg = Config(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), image_size=32, slices=4,
+                 slab_mm=None)
     key = {"inputs": []}
     assert dataset._cache_file(cfg, key) != dataset._cache_file(cfg.replace(preprocess="brain"), key)
     assert dataset._cache_file(cfg.replace(preprocess="brain"), key) == \
