@@ -89,6 +89,13 @@ flags.DEFINE_string("corrupt", None, "reconstruct: corrupt the input first with 
 flags.DEFINE_string("brain_mask", None, "detect: brain mask NIfTI (computed when not given).")
 flags.DEFINE_string("lesion_mask", None, "detect: ground-truth lesion mask NIfTI, to score the anomaly map.")
 flags.DEFINE_enum("residual", "abs", list(infer.RESIDUALS), "detect: which residual makes the anomaly map.")
+flags.DEFINE_string("lesion_dir", None, "detect_eval: also score real lesion cases: a folder of case folders, each "
+                    "with a T1 (t1.nii.gz or *t1*) and a lesion mask (lesion_mask.nii.gz or *seg* / *mask*).")
+flags.DEFINE_integer("median_px", infer.MEDIAN_FILTER_PX, "detect_eval --lesion_dir: in-plane median filter of "
+                     "the anomaly maps, in model pixels (wider suits large lesions).")
+flags.DEFINE_list("scores", ["residual"], "detect_eval --lesion_dir: anomaly scores among "
+                  f"{', '.join(infer.SCORES + (infer.COMBINED,))} (combined: their mean, each over its healthy "
+                  "threshold).")
 flags.DEFINE_list("models", None, "benchmark: U-Net presets, e.g. thesis,small (default: --model).")
 flags.DEFINE_list("image_sizes", None, "benchmark: image sizes, e.g. 32,64,128.")
 flags.DEFINE_list("batch_sizes", None, "benchmark: batch sizes, e.g. 8,32.")
@@ -248,6 +255,14 @@ def detect_eval_job():
                                 max_subjects=FLAGS.max_subjects, residual=FLAGS.residual, seed=FLAGS.seed)
     print(json.dumps({"kinds": results["kinds"], "overall": results["overall"]}))
     print(f"Detection metrics written to {workdir}/detect: metrics.json and cases.png")
+    if FLAGS.lesion_dir:
+        lesions = infer.lesion_eval(workdir, FLAGS.lesion_dir, checkpoint=FLAGS.checkpoint, scores=FLAGS.scores,
+                                    residual=FLAGS.residual, median_px=FLAGS.median_px)
+        print(json.dumps({"lesions": {"mean": lesions["mean"],
+                                      "cases": {n: {s: {k: c[s][k] for k in ("auroc", "auprc", "best_dice",
+                                                                           "dice_at_healthy_threshold")}
+                                                    for s in lesions["scores"]} for n, c in lesions["cases"].items()}}}))
+        print(f"Lesion scores written to {workdir}/detect: lesions.json and lesion_<case>.png")
 
 
 def config_job():

@@ -38,8 +38,10 @@ class Config:
                                             "$MRIRECON_CACHE_DIR or ~/.cache/mrirecon_jax).")
     strict: bool = _field(False, "Refuse the whole run when any file of the chosen subjects cannot be used "
                                  "(by default it is skipped with a warning and listed in split.json).")
-    skull_strip: bool = _field(False, "Train on skull-stripped slices (each volume masked by its computed brain "
-                                      "mask), for detection on skull-stripped scans.")
+    preprocess: str = _field("none", "Volume preprocessing: none, or brain (N4 bias correction, affine "
+                                     "registration to the MNI152 template at 2 mm, its brain mask, intensities "
+                                     "normalised inside the brain, every axial slice with enough brain).")
+    skull_strip: bool = _field(False, "Replaced by --preprocess=brain; refused.")
     data_loader: str = _field("memory", "How training slices reach the step: memory (all in RAM) or grain (streamed "
                                         "from a memory-mapped .npy store through grain; the same batches).")
     data_workers: int = _field(0, "grain loader: worker processes that read batches ahead (0: threads of the "
@@ -101,6 +103,11 @@ class Config:
         for name in ("patch_weight", "warmup_steps", "data_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
+        if self.skull_strip:
+            raise UserError("--skull_strip is replaced by --preprocess=brain (N4, registration to the MNI152 "
+                            "template and its brain mask); use that instead.")
+        if self.preprocess not in ("none", "brain"):
+            raise UserError(f"--preprocess={self.preprocess} is not one of none, brain.")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}.")
 

@@ -18,7 +18,9 @@ The catalogue (:data:`CORRUPTIONS` names each with the parameters policies use):
 * ``spike``: k-space spikes, the herringbone artifact (TorchIO ``Spike``);
 * ``motion``: rigid in-plane motion, k-space segments from moved copies (Shaw et al. 2019, TorchIO ``Motion``);
 * ``bias_field``: smooth multiplicative polynomial bias (Van Leemput et al. 1999, TorchIO ``BiasField``);
-* ``undersample``: fastMRI Cartesian masks with a fully sampled centre, zero-filled (Zbontar et al. 2018).
+* ``undersample``: fastMRI Cartesian masks with a fully sampled centre, zero-filled (Zbontar et al. 2018);
+* ``coarse_noise``: low-resolution Gaussian noise upsampled and added (Kascenas et al. 2022), for denoising
+  anomaly detection; and, beside the line patch, ``inpaint_grid``: one phase of a square grid hidden.
 
 A :class:`Policy` (parsed once, in Python, by :func:`parse_policy`) says which of them each slice gets. The
 thesis patches every slice; here the resolution / k-space corruptions are applied FIRST and the patch LAST, so
@@ -52,6 +54,9 @@ __all__ = [
     "bias_field",
     "undersampling_mask",
     "undersample",
+    "coarse_noise",
+    "grid_mask",
+    "inpaint_grid",
     "corrupt_image",
     "corrupt_batch",
     "Policy",
@@ -503,6 +508,20 @@ def undersample(key, image, acceleration=4, center_fraction=0.08, pattern="rando
     return _finish(_magnitude(ifft2c(fft2c(image) * mask[:, None, None])), image)
 
 
+def coarse_noise(key, image, resolution=16, std=0.2, foreground_only=True):
+    """Coarse, low-frequency noise (Kascenas et al., MIDL 2022): Gaussian noise N(0, std^2) drawn on a
+    ``resolution`` x ``resolution`` grid, upsampled (bilinear) to the image size and added; with
+    ``foreground_only`` only where the image is above 0 (a skull-stripped background stays exactly 0). A denoiser
+    trained on it learns to remove blob-like intensity changes of any sign: what it removes from a real scan is an
+    anomaly map. ``std == 0`` is the identity."""
+    height, width, channels = image.shape
+    noise = jax.random.normal(key, (resolution, resolution, channels), jnp.float32)
+    noise = jax.image.resize(noise, (height, width, channels), method="linear")
+    x = image.astype(jnp.float32)
+    added = std * noise * ((x > 0) if foreground_only else 1.0)
+    return _finish(x + added, image)
+
+
 # --------------------------------------------------------------------------------------------- policy
 
 # name -> per-image function with the parameters (sampling ranges) that policies use.
@@ -529,14 +548,52 @@ CORRUPTIONS: dict[str, Callable] = {
     # strengths, axes, magnitude or real part), so that what a model learns holds on other scanners' artifacts.
     "downsample_wide": functools.partial(downsample, factor=2, method="any"),
     "gibbs_wide": functools.partial(gibbs, keep_fraction_range=(0.3, 0.75), axes="any", real_probability=0.5),
+    # Coarse noise for a denoising anomaly detector (Kascenas et al. 2022): 16x16 noise, std 0.2 of the range.
+    "coarse_noise": functools.partial(coarse_noise, resolution=16, std=0.2),
     "ghost_wide": functools.partial(ghost, num_ghosts_range=(2, 5), intensity_range=(0.2, 0.95), axis=0,
                                     restore_centre="any", real_probability=0.5),
 }
 
-# name -> the line patch with the parameters policies use; "patch_wide" is the training variant.
+INPAINT_CELLS = 8  # squares per side of the inpainting grid
+INPAINT_PHASES = 4  # complementary phases that together hide every pixel once
+
+
+def grid_mask(height, width, cells=INPAINT_CELLS, phase=0, phases=INPAINT_PHASES, offset=(0, 0)):
+    """(H, W) bool mask of one phase of a square grid: squares of side H // cells (W // cells), the grid shifted by
+    ``offset`` (rows, columns) pixels; square (i, j) belongs to phase (i mod 2) * 2 + (j mod 2) for 4 phases, to
+    (i + j) mod 2 for 2. The ``phases`` masks of one offset are disjoint and cover the image exactly once, and each
+    hidden square has visible neighbours on every side. Jittable (``phase`` and ``offset`` may be traced)."""
+    if phases not in (2, 4):
+        raise ValueError(f"grid_mask phases must be 2 or 4, not {phases!r}.")
+    size_r, size_c = max(1, height // cells), max(1, width // cells)
+    rows = (jnp.arange(height) + offset[0]) // size_r
+    cols = (jnp.arange(width) + offset[1]) // size_c
+    if phases == 4:
+        square = (rows[:, None] % 2) * 2 + (cols[None, :] % 2)
+    else:
+        square = (rows[:, None] + cols[None, :]) % 2
+    return square == phase
+
+
+def inpaint_grid(key, image, cells=INPAINT_CELLS, phases=INPAINT_PHASES):
+    """Masked inpainting (issue 15): one phase of :func:`grid_mask`, drawn with a random grid offset, hidden (set
+    to 0); returns ``(image, mask)`` like the line patch, so ``--patch_weight`` weights the hidden pixels. At
+    detection every phase at offset 0 is hidden in turn, and a pixel's score is the error when it was hidden."""
+    height, width = image.shape[0], image.shape[1]
+    k_phase, k_row, k_col = jax.random.split(key, 3)
+    offset = (jax.random.randint(k_row, (), 0, 2 * max(1, height // cells)),
+              jax.random.randint(k_col, (), 0, 2 * max(1, width // cells)))
+    mask = grid_mask(height, width, cells, jax.random.randint(k_phase, (), 0, phases), phases, offset)
+    mask = mask[..., None].astype(jnp.float32)
+    return _finish(image.astype(jnp.float32) * (1.0 - mask), image), mask
+
+
+# name -> the line patch with the parameters policies use; "patch_wide" is the training variant; "inpaint_grid"
+# hides one phase of a square grid instead (masked inpainting for detection).
 PATCHES: dict[str, Callable] = {
     "patch": line_patch,
     "patch_wide": functools.partial(line_patch, centre_frac=0.6, min_opacity=0.2, clip_probability=0.5),
+    "inpaint_grid": inpaint_grid,
 }
 
 NAMED_POLICIES: dict[str, str] = {

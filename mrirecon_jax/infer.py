@@ -32,7 +32,7 @@ from mrirecon_jax import corruptions, metrics, plots, train
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import dataset as dataset_lib
 from mrirecon_jax.data import geometry, normalise, volumes
-from mrirecon_jax.data.prepare import PreparedVolume, grid_mask, prepare_volume
+from mrirecon_jax.data.prepare import PreparedVolume, prepare_volume, template_brain
 from mrirecon_jax.workdir import DETECT_DIR, Workdir, write_atomically, write_json
 
 RESIDUALS = ("abs", "pos", "neg")
@@ -95,10 +95,26 @@ def _check_residual(residual: str) -> None:
 def anomaly_map(inputs: np.ndarray, reconstructions: np.ndarray, brain: np.ndarray, residual: str = "abs"):
     """(n, H, W) anomaly map: the residual input - reconstruction (abs, or its pos / neg part), median-filtered
     in-plane over MEDIAN_FILTER_PX pixels, 0 outside the brain mask."""
+    return postprocess(_signed(np.asarray(inputs, np.float32) - np.asarray(reconstructions, np.float32), residual),
+                       brain)
+
+
+def _signed(difference: np.ndarray, residual: str) -> np.ndarray:
+    """input - reconstruction as the residual asks: abs, or its pos (brighter than expected) or neg part."""
     _check_residual(residual)
-    difference = np.asarray(inputs, np.float32) - np.asarray(reconstructions, np.float32)
-    value = {"abs": np.abs(difference), "pos": np.maximum(difference, 0.0), "neg": np.maximum(-difference, 0.0)}
-    filtered = scipy.ndimage.median_filter(value[residual], size=(1, MEDIAN_FILTER_PX, MEDIAN_FILTER_PX))
+    return {"abs": np.abs, "pos": lambda d: np.maximum(d, 0.0), "neg": lambda d: np.maximum(-d, 0.0)}[residual](
+        difference)
+
+
+def postprocess(value: np.ndarray, brain: np.ndarray, erode_px: int = 0, median_px: int = MEDIAN_FILTER_PX
+                ) -> np.ndarray:
+    """(n, H, W) map median-filtered in-plane over `median_px` pixels, 0 outside the brain mask eroded in-plane by
+    `erode_px` pixels (the brain's rim, where every model errs, is not called anomalous)."""
+    if median_px < 1:
+        raise UserError(f"--median_px must be at least 1, got {median_px}.")
+    filtered = scipy.ndimage.median_filter(value, size=(1, median_px, median_px))
+    if erode_px:
+        brain = scipy.ndimage.binary_erosion(brain, np.ones((1, 2 * erode_px + 1, 2 * erode_px + 1), bool))
     return np.where(brain, filtered, 0.0).astype(np.float32)
 
 
@@ -144,7 +160,12 @@ def _read_mask(path, what: str, input_path, shape) -> np.ndarray:
 def _write(slices: np.ndarray, prepared: PreparedVolume, output, input_path, resample_to_input: bool) -> None:
     """Write (n, S, S) slices as a float32 NIfTI on the model grid, or resampled onto the input file's grid;
     atomically, so a failure leaves no partial file."""
-    affine = geometry.model_grid_affine(prepared.geometry, volumes.canonical_affine(input_path))
+    aligned = prepared.aligned is not None
+    if aligned and resample_to_input:
+        raise UserError("--resample_to_input is not available with --preprocess=brain: outputs are written in "
+                        "MNI152 template space.")
+    affine = geometry.model_grid_affine(prepared.geometry, prepared.aligned.affine if aligned
+                                        else volumes.canonical_affine(input_path))
     image = nib.Nifti1Image(geometry.slices_to_volume(slices, prepared.geometry).astype(np.float32), affine)
     image.header.set_xyzt_units("mm")
     if resample_to_input:
@@ -218,7 +239,7 @@ def detect(run, input_path, output_path, *, checkpoint: str = "best", brain_mask
                "brain_pixels": int(prepared.brain.sum()), "units": "normalised residual"}
     if lesion_mask_path is not None:
         lesion = _read_mask(lesion_mask_path, "lesion mask", input_path, volume.shape)
-        truth = grid_mask(lesion, zooms, prepared.geometry)
+        truth = prepared.on_grid(lesion)
         summary["lesion_mask"] = str(lesion_mask_path)
         summary["scores_over"] = "brain-mask pixels of the model grid"
         summary.update(metrics.detection_scores(amap[prepared.brain], truth[prepared.brain]))
@@ -346,7 +367,7 @@ def detect_eval(workdir, data_dir: Optional[str] = None, *, checkpoint: str = "b
     results = {"model": predictor.source, "residual": residual, "subjects": cases.subjects,
                "slices_per_kind": int(len(cases.clean)), "seed": seed, "image_size": cfg.image_size,
                "plane": cfg.plane, "slab": {"slices": cfg.slices, "slab_mm": cfg.slab_mm},
-               "skull_strip": cfg.skull_strip, "brain_mask": "computed (data.brain.brain_mask)",
+               "preprocess": cfg.preprocess, "brain_mask": "computed (data.brain.brain_mask)",
                "scores_over": "brain-mask pixels, pooled", **scores}
     work.write_detection(results)
     _save_cases(work.figure(DETECT_DIR, "cases"), maps, cases.owner, cases.subjects)
@@ -363,3 +384,182 @@ def _save_cases(path, cases, owner, subjects) -> None:
             rows.append((anomalous[i], reconstructed[i], amap[i], truth[i]))
             labels.append(f"{kind}: {subjects[index]}")
     plots.save_detection_grid(path, *(np.stack(column) for column in zip(*rows)), row_labels=labels)
+
+
+# ------------------------------------------------------------------------------------------- real lesions (issue 15)
+# Anomaly scores of a run, thresholds calibrated on healthy validation subjects, and the benchmark on a folder of
+# real lesion cases. Maps are computed on the model grid (template space with --preprocess=brain) and scored over
+# its brain pixels; a case's lesion mask is brought there through the same registration.
+
+SCORES = ("residual", "inpaint")  # residual: what the model changes in the unchanged input; inpaint: see below
+COMBINED = "combined"  # the mean of the chosen scores, each divided by its healthy threshold
+HEALTHY_FRACTION = 0.01  # the healthy threshold flags this fraction of healthy brain pixels
+ERODE_PX = 1  # post-processing: the brain mask eroded by this many pixels in-plane
+MIN_COMPONENT_VOXELS = 10  # post-processing: connected components (3-D) smaller than this are dropped
+T1_NAMES = ("t1.nii.gz", "t1.nii")
+MASK_NAMES = ("lesion_mask.nii.gz", "lesion_mask.nii")
+_NOT_T1 = ("t1ce", "t1gd", "t1c_", "t1c.", "t1post")  # contrast-enhanced T1 of BraTS-like folders
+_MASK_WORDS = ("seg", "mask", "label", "lesion")
+
+
+def check_scores(scores) -> tuple[str, ...]:
+    scores = tuple(scores or ("residual",))
+    unknown = [s for s in scores if s not in SCORES + (COMBINED,)]
+    if unknown or not scores:
+        raise UserError(f"--scores={','.join(scores)} is not a list of {', '.join(SCORES + (COMBINED,))}.")
+    return tuple(s for s in scores if s != COMBINED) + ((COMBINED,) if COMBINED in scores else ())
+
+
+def _inpainted(predictor: Predictor, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(difference, inpainting): every phase of the inpaint grid hidden in turn and inpainted; a pixel's difference
+    is input - inpainting when it was hidden, in the frame normalise_input gives the whole slice."""
+    height, width = slices.shape[1:]
+    inpainting = np.zeros_like(slices, dtype=np.float32)
+    for phase in range(corruptions.INPAINT_PHASES):
+        hidden = np.asarray(corruptions.grid_mask(height, width, phase=phase))
+        inpainting[:, hidden] = predict(predictor, np.where(hidden, 0.0, slices)).reconstruction[:, hidden]
+    _, _, scale = _normalise_input(jnp.asarray(slices[..., None], jnp.float32))
+    return (slices - inpainting) / np.asarray(scale)[..., 0], inpainting
+
+
+def score_maps(predictor: Predictor, slices: np.ndarray, brain: np.ndarray, scores, residual: str = "abs",
+               thresholds: Optional[dict] = None, median_px: int = MEDIAN_FILTER_PX) -> dict:
+    """score -> ((n, H, W) post-processed anomaly map, what the model made of the slices); the combined map needs
+    the healthy `thresholds` of its parts."""
+    maps = {}
+    for score in scores:
+        if score == "residual":
+            prediction = predict(predictor, slices)
+            value = _signed(prediction.inputs - prediction.outputs, residual)
+            maps[score] = (postprocess(value, brain, ERODE_PX, median_px), prediction.reconstruction)
+        elif score == "inpaint":
+            difference, inpainting = _inpainted(predictor, slices)
+            maps[score] = (postprocess(_signed(difference, residual), brain, ERODE_PX, median_px), inpainting)
+    if COMBINED in scores:
+        parts = [s for s in scores if s != COMBINED]
+        maps[COMBINED] = (np.mean([maps[s][0] / max(thresholds[s], 1e-12) for s in parts], axis=0),
+                          maps[parts[0]][1])
+    return maps
+
+
+def healthy_slices(predictor: Predictor, max_subjects: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(slices, brain) of the run's healthy validation subjects as training prepared them: with --preprocess=brain
+    the cached validation slices and the template's brain; else each subject prepared with a computed brain."""
+    cfg = predictor.cfg
+    data = dataset_lib.load_dataset(cfg)
+    if cfg.preprocess == "brain":
+        owners = data.val_slice_subject < (max_subjects or len(data.val_subjects))
+        slices = data.val[owners][..., 0]
+        brain = np.tile(template_brain(cfg), (int(owners.sum()) // len(template_brain(cfg)), 1, 1))
+        return slices, brain
+    readers, _, _ = dataset_lib.volume_readers(cfg.data_dir)
+    subjects = [(s, r) for s, r in readers if s in set(data.val_subjects)][:max_subjects]
+    prepared = [prepare_volume(*read(), cfg, with_brain=True, name=read.name) for _, read in subjects]
+    return (np.concatenate([p.clean()[..., 0] for p in prepared]), np.concatenate([p.brain for p in prepared]))
+
+
+def healthy_thresholds(predictor: Predictor, scores, residual: str = "abs", max_subjects: Optional[int] = None,
+                       median_px: int = MEDIAN_FILTER_PX) -> dict:
+    """score -> the threshold flagging HEALTHY_FRACTION of the healthy validation brain pixels."""
+    slices, brain = healthy_slices(predictor, max_subjects)
+    thresholds = {}
+    parts = [s for s in scores if s != COMBINED]
+    maps = score_maps(predictor, slices, brain, parts, residual, median_px=median_px)
+    for score in parts:
+        thresholds[score] = metrics.healthy_threshold(maps[score][0][brain], HEALTHY_FRACTION)
+    if COMBINED in scores:
+        combined = np.mean([maps[s][0] / max(thresholds[s], 1e-12) for s in parts], axis=0)
+        thresholds[COMBINED] = metrics.healthy_threshold(combined[brain], HEALTHY_FRACTION)
+    return thresholds
+
+
+def segment(amap: np.ndarray, threshold: float) -> np.ndarray:
+    """The lesion segmentation of a map: (map >= threshold), 3-D components under MIN_COMPONENT_VOXELS dropped."""
+    binary = amap >= threshold
+    labels, count = scipy.ndimage.label(binary, np.ones((3, 3, 3), bool))
+    if count == 0:
+        return binary
+    sizes = np.bincount(labels.ravel())
+    return (sizes >= MIN_COMPONENT_VOXELS)[labels] & binary
+
+
+def _pick(files, exact, accept, what: str, folder) -> Optional[Path]:
+    named = [f for f in files if f.name.lower() in exact]
+    if named:
+        return named[0]
+    chosen = [f for f in files if accept(f.name.lower())]
+    if len(chosen) > 1:
+        raise UserError(f"Case folder {folder} has {len(chosen)} files that could be its {what} "
+                        f"({', '.join(f.name for f in chosen)}); name the one to use {exact[0]}.")
+    return chosen[0] if chosen else None
+
+
+def lesion_cases(folder) -> list[tuple[str, Path, Path]]:
+    """(case name, T1, lesion mask) of every case in `folder`: the folder itself and each subfolder (not deeper).
+    The T1 is t1.nii[.gz], else the one NIfTI whose name holds 't1' (not a contrast-enhanced t1ce/t1gd) and no
+    mask word; the mask is lesion_mask.nii[.gz], else the one NIfTI whose name holds seg, mask, label or lesion.
+    Other files (FLAIR, T2, ...) are ignored; a folder without both is not a case."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--lesion_dir {folder} is not a folder.")
+    cases = []
+    for case in [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in case.iterdir() if p.is_file() and p.name.lower().endswith(volumes.NIFTI_SUFFIXES))
+        mask = _pick(files, MASK_NAMES, lambda n: any(w in n for w in _MASK_WORDS), "lesion mask", case)
+        t1 = _pick(files, T1_NAMES, lambda n: "t1" in n and not any(w in n for w in _NOT_T1 + _MASK_WORDS),
+                   "T1 volume", case)
+        if t1 is not None and mask is not None:
+            cases.append((case.name, t1, mask))
+    if not cases:
+        raise UserError(f"No lesion case in {folder}: a case is a folder holding a T1 (t1.nii.gz or *t1*.nii.gz) "
+                        f"and a lesion mask (lesion_mask.nii.gz or *seg* / *mask*.nii.gz).")
+    return cases
+
+
+def lesion_eval(workdir, lesion_dir, *, checkpoint: str = "best", scores=("residual",), residual: str = "abs",
+                max_subjects: Optional[int] = None, median_px: int = MEDIAN_FILTER_PX) -> dict:
+    """Score a run's anomaly maps on real lesion cases; writes WORKDIR/detect/lesions.json and a figure per case.
+
+    Per case and score: AUROC, AUPRC (average precision) and the best Dice (an oracle: its threshold is chosen on
+    the case's own truth) over the case's brain pixels of the model grid, and the Dice at the threshold that flags
+    HEALTHY_FRACTION of the run's healthy validation brain pixels (what a user gets), after dropping small
+    components; and their means over the cases.
+    """
+    work = Workdir(workdir)
+    scores = check_scores(scores)
+    cases = lesion_cases(lesion_dir)
+    predictor = load_predictor(workdir, checkpoint)
+    thresholds = healthy_thresholds(predictor, scores, residual, max_subjects, median_px)
+    results = {"model": predictor.source, "scores": list(scores), "residual": residual, "median_px": median_px,
+               "preprocess": predictor.cfg.preprocess, "healthy_thresholds": thresholds,
+               "healthy_fraction": HEALTHY_FRACTION,
+               "scores_over": "brain pixels of the model grid (template space with --preprocess=brain)",
+               "best_dice": "oracle: its threshold is chosen on each case's own lesion mask",
+               "cases": {}, "mean": {}}
+    for name, t1_path, mask_path in cases:
+        volume, zooms = volumes.load_volume(t1_path)
+        lesion = _read_mask(mask_path, "lesion mask", t1_path, volume.shape)
+        prepared = prepare_volume(volume, zooms, predictor.cfg, whole_volume=True, with_brain=True,
+                                  name=f"NIfTI file {t1_path}")
+        brain, truth = prepared.brain, prepared.on_grid(lesion) & prepared.brain
+        maps = score_maps(predictor, prepared.slices, brain, scores, residual, thresholds, median_px)
+        entry = {"t1": str(t1_path), "lesion_mask": str(mask_path),
+                 "skull_stripped_input": bool(prepared.aligned.stripped) if prepared.aligned else None}
+        for score, (amap, _) in maps.items():
+            entry[score] = metrics.detection_scores(amap[brain], truth[brain])
+            entry[score]["dice_at_healthy_threshold"] = metrics.dice_at(segment(amap, thresholds[score])[brain],
+                                                                        truth[brain], 0.5)
+        results["cases"][name] = entry
+        _save_lesion_case(work.figure(DETECT_DIR, f"lesion_{name}"), prepared.slices, maps, truth)
+    for score in scores:
+        results["mean"][score] = {key: float(np.mean([c[score][key] for c in results["cases"].values()]))
+                                  for key in ("auroc", "auprc", "best_dice", "dice_at_healthy_threshold")}
+    work.write_lesion_detection(results)
+    return results
+
+
+def _save_lesion_case(path, slices, maps, truth) -> None:
+    """The slice with the most lesion: one row per score (T1 with the lesion outlined, model output, map, mask)."""
+    i = int(np.argmax(truth.sum(axis=(1, 2))))
+    rows = [(slices[i], made[i], amap[i], truth[i]) for amap, made in maps.values()]
+    plots.save_detection_grid(path, *(np.stack(column) for column in zip(*rows)), row_labels=list(maps))

@@ -159,6 +159,14 @@ def dice_at(scores, labels, threshold: float) -> float:
     return float(2 * np.sum(predicted & truth) / total) if total else float("nan")
 
 
+def healthy_threshold(scores, fraction: float = 0.01) -> float:
+    """The threshold t that flags (score >= t) about `fraction` of healthy pixels' `scores`: calibrated without
+    any lesion, so the Dice at it is what a user gets (the best-Dice threshold peeks at the truth)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), not {fraction!r}.")
+    return float(np.quantile(np.asarray(scores, np.float64).ravel(), 1.0 - fraction, method="higher"))
+
+
 def detection_scores(scores, labels) -> dict:
     """AUROC, AUPRC (average precision), best Dice and its threshold, and the pixel counts, as a dict."""
     dice, threshold = best_dice(scores, labels)

@@ -40,6 +40,7 @@ CHECKPOINT_DIR = "checkpoints"
 EVAL_DIR = "eval"
 DETECT_DIR = "detect"
 METRICS_JSON = "metrics.json"  # inside eval/ and detect/
+LESIONS_JSON = "lesions.json"  # inside detect/: scores on real lesion cases
 RUN_POLICY = "run_policy"  # the key of eval/metrics.json's "kinds" under which the run's own policy is evaluated
 BEST_METRIC = "ssim_slice"  # the validation metric that picks the best checkpoint (higher is better)
 CHECKPOINTS = ("best", "last")  # besides a step number
@@ -364,6 +365,10 @@ class Workdir:
 
     def write_detection(self, results: dict) -> Path:
         return write_json(self.output_dir(DETECT_DIR) / METRICS_JSON, results)
+
+    def write_lesion_detection(self, results: dict) -> Path:
+        """detect_eval's scores on real lesion cases (--lesion_dir)."""
+        return write_json(self.output_dir(DETECT_DIR) / LESIONS_JSON, results)
 
     def read_detection(self) -> Optional[dict]:
         """The detect_eval job's metrics, or None when it has not run."""

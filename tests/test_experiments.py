@@ -8,6 +8,7 @@ import pytest
 import run
 from mrirecon_jax import report, train
 from mrirecon_jax.config import Config
+from mrirecon_jax.data import align
 from mrirecon_jax.models import unet
 from test_run import cli
 
@@ -70,7 +71,8 @@ def test_experiment_trains_two_steps_with_a_tiny_model(name, tiny_runs, cache_di
     assert (recorded["plane"], recorded["slab_mm"], recorded["corruptions"], recorded["max_subjects"]) == (
         full.plane, full.slab_mm, full.corruptions, full.max_subjects)
     split = json.loads((workdir / "split.json").read_text())
-    expected_slices = round(full.slab_mm / 2.0)  # the demo source has 2 mm voxels
+    # The demo source has 2 mm voxels; aligned runs take the template slices that hold brain instead of a slab.
+    expected_slices = len(align.brain_slices()) if full.preprocess == "brain" else round(full.slab_mm / 2.0)
     assert split["n_val_slices"] == expected_slices * len(split["val_subjects"])
 
 

@@ -28,14 +28,14 @@ def test_every_config_field_is_a_flag_that_overrides_the_experiment():
     assert set(run.CONFIG_FLAGS) == {f.name for f in dataclasses.fields(Config)}
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["run.py", "--experiment=thesis_64_augmented", "--keep_checkpoints=1", "--eval_batch_size=7",
-                 "--slices=5", "--skull_strip", "--loss=l1", "--max_train_minutes=2.5"])
+                 "--slices=5", "--preprocess=brain", "--loss=l1", "--max_train_minutes=2.5"])
     try:
         cfg = run.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
     base = run.load_experiment("thesis_64_augmented")
     assert (cfg.keep_checkpoints, cfg.eval_batch_size, cfg.slices, cfg.slab_mm) == (1, 7, 5, None)
-    assert cfg.skull_strip and cfg.loss == "l1" and cfg.max_train_minutes == 2.5
+    assert cfg.preprocess == "brain" and cfg.loss == "l1" and cfg.max_train_minutes == 2.5
     assert (cfg.model, cfg.corruptions, cfg.image_size) == (base.model, base.corruptions, base.image_size)
 
 

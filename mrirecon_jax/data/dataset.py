@@ -31,7 +31,7 @@ CACHE_FORMAT_VERSION = 3
 CACHE_DIR_ENV = "MRIRECON_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/mrirecon_jax"
 # The settings that shape the slices of one volume (the split settings join them for a split dataset).
-SLICE_SETTINGS = ("plane", "slices", "slab_mm", "image_size", "skull_strip")
+SLICE_SETTINGS = ("plane", "slices", "slab_mm", "image_size", "skull_strip", "preprocess")
 SPLIT_SETTINGS = ("val_fraction", "max_subjects", "seed")
 
 

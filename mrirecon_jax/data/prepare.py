@@ -1,5 +1,6 @@
 """The one way a volume becomes model-grid slices: training, evaluation, reconstruct, detect and detect_eval all
-call :func:`prepare_volume`, so they see the same slices (skull stripping, plane, slab, geometry) for the same file.
+call :func:`prepare_volume`, so they see the same slices (aligned preprocessing, plane, slab, geometry) for the
+same file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from mrirecon_jax.config import Config
+from mrirecon_jax.data import align
 from mrirecon_jax.data import brain as brain_lib
 from mrirecon_jax.data import geometry as geometry_lib
 from mrirecon_jax.data import normalise
@@ -23,13 +25,24 @@ MIN_INPLANE_VOXELS = 8  # a slice with fewer voxels along an in-plane axis holds
 class PreparedVolume:
     """A volume's slices on the model grid, and what is needed to put results back into the volume's space."""
 
-    slices: np.ndarray  # (n, S, S) float32 in the volume's own intensity units
+    slices: np.ndarray  # (n, S, S) float32 in the volume's own intensity units (brain: normalised, [0, 1])
     geometry: geometry_lib.SliceGeometry
     brain: Optional[np.ndarray]  # (n, S, S) bool brain mask on the model grid, when one was made or given
+    zooms: tuple = (1.0, 1.0, 1.0)  # voxel size of the volume that was sliced
+    aligned: Optional[align.Aligned] = None  # with --preprocess=brain: the volume in template space
 
     def clean(self) -> np.ndarray:
-        """The slices as clean training targets: (n, S, S, 1) float32, min-max normalised per slice."""
-        return normalise.minmax(self.slices)[..., None]
+        """The slices as clean training targets: (n, S, S, 1) float32 in [0, 1]; min-max normalised per slice,
+        except aligned slices, already normalised over the whole brain."""
+        return (self.slices if self.aligned is not None else normalise.minmax(self.slices))[..., None]
+
+    def on_grid(self, mask) -> np.ndarray:
+        """A bool mask on the input volume's canonical grid, on the model grid (through the registration when
+        aligned): (n, S, S) bool, a pixel in when most of it is."""
+        mask = np.asarray(mask, np.float32)
+        if self.aligned is not None:
+            mask = self.aligned.to_template(mask)
+        return grid_mask(mask, self.zooms, self.geometry)
 
 
 def grid_mask(mask: np.ndarray, zooms, geometry: geometry_lib.SliceGeometry) -> np.ndarray:
@@ -45,11 +58,13 @@ def prepare_volume(volume, zooms, cfg: Config, *, whole_volume: bool = False, br
 
     The slices are the central slab that `cfg` selects (``slices`` or ``slab_mm``), or every slice along the plane
     with `whole_volume`. `brain` is a canonical bool mask on the volume's grid; without one, a mask is computed
-    (``brain.brain_mask``) when the run skull-strips or `with_brain` asks for it. A skull-stripping run masks the
-    volume with it before slicing. A volume too small for that (fewer slices than the slab, or fewer than
+    (``brain.brain_mask``) when `with_brain` asks for it. With --preprocess=brain the volume is first aligned to the
+    template (:func:`_prepare_aligned`). A volume too small for that (fewer slices than the slab, or fewer than
     MIN_INPLANE_VOXELS voxels along an in-plane axis) raises BadVolume, the sentence starting with `name`.
     """
     volume = np.asarray(volume, np.float32)
+    if cfg.preprocess == "brain":
+        return _prepare_aligned(volume, zooms, cfg, brain, name)
     axis = geometry_lib.plane_axis(cfg.plane)
     inplane = [volume.shape[a] for a in range(3) if a != axis]
     if min(inplane) < MIN_INPLANE_VOXELS:
@@ -63,10 +78,35 @@ def prepare_volume(volume, zooms, cfg: Config, *, whole_volume: bool = False, br
             asked = f"--slices={cfg.slices}" if cfg.slices is not None else f"--slab_mm={cfg.slab_mm:g}"
             raise BadVolume(f"{name} has {volume.shape[axis]} {cfg.plane} slices, fewer than the {wanted} that "
                             f"{asked} takes.")
-    if brain is None and (cfg.skull_strip or with_brain):
+    if brain is None and with_brain:
         brain = brain_lib.brain_mask(volume, zooms)
-    if cfg.skull_strip:
-        volume = brain_lib.skull_strip(volume, brain)
     slices, geometry = geometry_lib.volume_slices(volume, zooms, cfg.plane, cfg.image_size, indices)
-    return PreparedVolume(slices=slices, geometry=geometry,
+    return PreparedVolume(slices=slices, geometry=geometry, zooms=tuple(zooms),
                           brain=None if brain is None else grid_mask(brain, zooms, geometry))
+
+
+def _prepare_aligned(volume, zooms, cfg: Config, brain: Optional[np.ndarray], name: str) -> PreparedVolume:
+    """--preprocess=brain: the volume in template space (data.align), sliced along the template slices that hold
+    enough brain (the same for every file, whole volume or not; --slices and --slab_mm do not apply). A given
+    brain mask (input grid) is brought to the template and intersected with the template's."""
+    if min(volume.shape) < MIN_INPLANE_VOXELS:
+        raise BadVolume(f"{name} has {'x'.join(map(str, volume.shape))} voxels, fewer than the "
+                        f"{MIN_INPLANE_VOXELS} per side registration needs.")
+    aligned = align.align_volume(volume, zooms)
+    mask = aligned.brain
+    if brain is not None:
+        mask = mask & (aligned.to_template(brain) >= MASK_LEVEL)
+    slices, geometry = geometry_lib.volume_slices(np.where(mask, aligned.volume, 0.0), aligned.zooms, cfg.plane,
+                                                  cfg.image_size,
+                                                  align.brain_slices(geometry_lib.plane_axis(cfg.plane)))
+    return PreparedVolume(slices=np.clip(slices, 0.0, 1.0), geometry=geometry, zooms=aligned.zooms,
+                          brain=grid_mask(mask, aligned.zooms, geometry), aligned=aligned)
+
+
+def template_brain(cfg: Config) -> np.ndarray:
+    """(n, S, S) bool: the template's brain mask on the model grid, sliced as --preprocess=brain slices volumes
+    (the brain of every skull-on volume it prepares)."""
+    atlas = align.template()
+    _, geometry = geometry_lib.volume_slices(atlas.brain.astype(np.float32), atlas.zooms, cfg.plane, cfg.image_size,
+                                             align.brain_slices(geometry_lib.plane_axis(cfg.plane)))
+    return grid_mask(atlas.brain, atlas.zooms, geometry)
