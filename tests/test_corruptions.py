@@ -36,9 +36,11 @@ ZERO_STRENGTH = {
     "downsample_wide": dict(factor=1),
     "gibbs_wide": dict(keep_fraction_range=(1.0, 1.0)),
     "ghost_wide": dict(intensity_range=(0.0, 0.0)),
+    "coarse_noise": dict(std=0.0),
 }
 # Kinds that may return the real part of their k-space edit (so values below 0).
-SIGNED = {"gibbs_wide", "ghost_wide", "downsample_wide"}  # real parts; Lanczos and cubic filters undershoot
+# Real parts; Lanczos and cubic filters undershoot; additive coarse noise dips below the foreground's low values.
+SIGNED = {"gibbs_wide", "ghost_wide", "downsample_wide", "coarse_noise"}
 
 
 def all_kinds(key, image):

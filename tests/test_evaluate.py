@@ -234,17 +234,19 @@ def test_unseen_data_is_every_subject_prepared_like_the_run(evaluated, tmp_path)
 @needs_ixi
 def test_an_aligned_run_evaluates_on_aligned_slices(tmp_path):
     """Evaluation on unseen subjects prepares them as the run was trained: --preprocess=brain included."""
-    folder = symlink_subset(IXI_DIR, tmp_path / "ixi", 3)
+    folder = symlink_subset(IXI_DIR, tmp_path / "ixi", 2)
     cfg = Config(**{**TINY_RUN, "max_steps": 1}, data_dir=str(folder), cache_dir=str(tmp_path / "cache"),
-                 preprocess="brain", val_fraction=0.34)
+                 preprocess="brain", val_fraction=0.5)
     train.train_and_evaluate(cfg, tmp_path / "run")
-    unseen = symlink_subset(IXI_DIR, tmp_path / "unseen", 1, start=3)
+    unseen = symlink_subset(IXI_DIR, tmp_path / "unseen", 1, start=2)
     evaluated_data, _ = evaluate.evaluation_data(Config.from_json((tmp_path / "run" / "config.json").read_text()),
                                                  str(unseen))
     path = next(unseen.iterdir())
     aligned = prepare_volume(*volumes.load_volume(path), cfg, with_brain=True)
     np.testing.assert_array_equal(evaluated_data.val, aligned.clean())
-    assert (evaluated_data.val[..., 0][~aligned.brain] > 0.05).mean() < 0.01  # skull stripped by the template
+    # Skull stripped by the template: nothing bright beyond the brain mask's border pixels (which resizing blurs).
+    beyond = ~ndimage.binary_dilation(aligned.brain, structure=np.ones((1, 3, 3), bool), iterations=2)
+    assert (evaluated_data.val[..., 0][beyond] > 0.05).mean() < 0.01
     result = evaluate.evaluate_run(tmp_path / "run", data_dir=str(unseen), kinds=())
     assert result["n_slices"] == len(aligned.slices) and result["kinds"][RUN_POLICY]["n_subjects"] == 1
 
