@@ -437,9 +437,13 @@ def score_maps(predictor: Predictor, slices: np.ndarray, brain: np.ndarray, scor
             maps[score] = (postprocess(_signed(difference, residual), brain, ERODE_PX, median_px), inpainting)
     if COMBINED in scores:
         parts = [s for s in scores if s != COMBINED]
-        maps[COMBINED] = (np.mean([maps[s][0] / max(thresholds[s], 1e-12) for s in parts], axis=0),
-                          maps[parts[0]][1])
+        maps[COMBINED] = (_combined(maps, thresholds, parts), maps[parts[0]][1])
     return maps
+
+
+def _combined(maps: dict, thresholds: dict, parts) -> np.ndarray:
+    """The combined map: the mean of the parts' maps, each divided by its healthy threshold."""
+    return np.mean([maps[s][0] / max(thresholds[s], 1e-12) for s in parts], axis=0)
 
 
 def healthy_slices(predictor: Predictor, max_subjects: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -449,9 +453,8 @@ def healthy_slices(predictor: Predictor, max_subjects: Optional[int] = None) -> 
     data = dataset_lib.load_dataset(cfg)
     if cfg.preprocess == "brain":
         owners = data.val_slice_subject < (max_subjects or len(data.val_subjects))
-        slices = data.val[owners][..., 0]
-        brain = np.tile(template_brain(cfg), (int(owners.sum()) // len(template_brain(cfg)), 1, 1))
-        return slices, brain
+        slices, brain = data.val[owners][..., 0], template_brain(cfg)
+        return slices, np.tile(brain, (len(slices) // len(brain), 1, 1))
     readers, _, _ = dataset_lib.volume_readers(cfg.data_dir)
     subjects = [(s, r) for s, r in readers if s in set(data.val_subjects)][:max_subjects]
     prepared = [prepare_volume(*read(), cfg, with_brain=True, name=read.name) for _, read in subjects]
@@ -468,8 +471,7 @@ def healthy_thresholds(predictor: Predictor, scores, residual: str = "abs", max_
     for score in parts:
         thresholds[score] = metrics.healthy_threshold(maps[score][0][brain], HEALTHY_FRACTION)
     if COMBINED in scores:
-        combined = np.mean([maps[s][0] / max(thresholds[s], 1e-12) for s in parts], axis=0)
-        thresholds[COMBINED] = metrics.healthy_threshold(combined[brain], HEALTHY_FRACTION)
+        thresholds[COMBINED] = metrics.healthy_threshold(_combined(maps, thresholds, parts)[brain], HEALTHY_FRACTION)
     return thresholds
 
 
