@@ -22,7 +22,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from mrirecon_jax import benchmark, cpu, distributed, infer, losses, train
-from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.config import RESIDUALS, Config, UserError
 from mrirecon_jax.data import geometry, stream
 from mrirecon_jax.models import conv, unet
 
@@ -54,7 +54,7 @@ flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the othe
 # Config fields whose values a room owns: the flag offers exactly that room's names.
 CHOICES = {"plane": geometry.PLANE_AXES, "model": unet.PRESETS, "output_activation": unet.OUTPUT_ACTIVATIONS,
            "norm": unet.NORMS, "dtype": unet.DTYPES, "conv_impl": conv.CONV_IMPLS, "loss": losses.LOSSES,
-           "lr_schedule": train.LR_SCHEDULES, "data_loader": stream.LOADERS}
+           "lr_schedule": train.LR_SCHEDULES, "data_loader": stream.LOADERS, "residual": RESIDUALS}
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 
 
@@ -88,14 +88,8 @@ flags.DEFINE_bool("resample_to_input", False, "reconstruct/detect: write on the 
 flags.DEFINE_string("corrupt", None, "reconstruct: corrupt the input first with this corruption policy.")
 flags.DEFINE_string("brain_mask", None, "detect: brain mask NIfTI (computed when not given).")
 flags.DEFINE_string("lesion_mask", None, "detect: ground-truth lesion mask NIfTI, to score the anomaly map.")
-flags.DEFINE_enum("residual", "abs", list(infer.RESIDUALS), "detect: which residual makes the anomaly map.")
 flags.DEFINE_string("lesion_dir", None, "detect_eval: also score real lesion cases: a folder of case folders, each "
                     "with a T1 (t1.nii.gz or *t1*) and a lesion mask (lesion_mask.nii.gz or *seg* / *mask*).")
-flags.DEFINE_integer("median_px", infer.MEDIAN_FILTER_PX, "detect_eval --lesion_dir: in-plane median filter of "
-                     "the anomaly maps, in model pixels (wider suits large lesions).")
-flags.DEFINE_list("scores", ["residual"], "detect_eval --lesion_dir: anomaly scores among "
-                  f"{', '.join(infer.SCORES + (infer.COMBINED,))} (combined: their mean, each over its healthy "
-                  "threshold).")
 flags.DEFINE_list("models", None, "benchmark: U-Net presets, e.g. thesis,small (default: --model).")
 flags.DEFINE_list("image_sizes", None, "benchmark: image sizes, e.g. 32,64,128.")
 flags.DEFINE_list("batch_sizes", None, "benchmark: batch sizes, e.g. 8,32.")
@@ -241,10 +235,16 @@ def reconstruct_job():
     print(json.dumps(summary))
 
 
+def detection_flags() -> infer.DetectionSettings:
+    """The detection settings given as flags (each overrides the run's own; None keeps it)."""
+    names = [field.name for field in dataclasses.fields(infer.DetectionSettings)]
+    return infer.DetectionSettings(**{name: FLAGS[name].value if FLAGS[name].present else None for name in names})
+
+
 def detect_job():
     summary = infer.detect(workdir_flag(), required_flag("input"), required_flag("output"),
                            checkpoint=FLAGS.checkpoint, brain_mask_path=FLAGS.brain_mask,
-                           lesion_mask_path=FLAGS.lesion_mask, residual=FLAGS.residual,
+                           lesion_mask_path=FLAGS.lesion_mask, settings=detection_flags(),
                            resample_to_input=FLAGS.resample_to_input)
     print(json.dumps(summary))
 
@@ -252,12 +252,12 @@ def detect_job():
 def detect_eval_job():
     workdir = workdir_flag()
     results = infer.detect_eval(workdir, FLAGS.data_dir, checkpoint=FLAGS.checkpoint,
-                                max_subjects=FLAGS.max_subjects, residual=FLAGS.residual, seed=FLAGS.seed)
-    print(json.dumps({"kinds": results["kinds"], "overall": results["overall"]}))
+                                max_subjects=FLAGS.max_subjects, settings=detection_flags(), seed=FLAGS.seed)
+    print(json.dumps({score: {"kinds": r["kinds"], "overall": r["overall"]} for score, r in results["scores"].items()}))
     print(f"Detection metrics written to {workdir}/detect: metrics.json and cases.png")
     if FLAGS.lesion_dir:
-        lesions = infer.lesion_eval(workdir, FLAGS.lesion_dir, checkpoint=FLAGS.checkpoint, scores=FLAGS.scores,
-                                    residual=FLAGS.residual, median_px=FLAGS.median_px)
+        lesions = infer.lesion_eval(workdir, FLAGS.lesion_dir, checkpoint=FLAGS.checkpoint,
+                                    settings=detection_flags(), max_subjects=FLAGS.max_subjects)
         print(json.dumps({"lesions": {"mean": lesions["mean"],
                                       "cases": {n: {s: {k: c[s][k] for k in ("auroc", "auprc", "best_dice",
                                                                            "dice_at_healthy_threshold")}

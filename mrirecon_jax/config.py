@@ -12,6 +12,9 @@ import json
 from typing import Optional
 
 
+RESIDUALS = ("abs", "pos", "neg")  # which part of input - model output an anomaly map keeps
+
+
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad file); reported as one sentence."""
 
@@ -60,6 +63,9 @@ class Config:
     norm: Optional[str] = _field(None, "Override the preset's normalisation after each convolution.")
     nonnegative: bool = _field(True, "Clamp reconstructions at zero in the input's units (MRI magnitudes), so "
                                      "a clean background comes out exactly zero.")
+    flip_average: bool = _field(False, "Validation, evaluation and inference average the model's outputs on each "
+                                       "slice and on its left-right mirror image (test-time augmentation; the "
+                                       "training step is unchanged).")
     dtype: str = _field("float32", "Compute dtype of the model.")
     conv_impl: str = _field("auto", "Convolution back end (models/conv.py): auto picks per shape; xla is XLA's own "
                                     "throughout (the reference).")
@@ -79,6 +85,18 @@ class Config:
     seed: int = _field(0, "Seed for the split, initialisation, corruptions and batch order.")
     skip_nonfinite: bool = _field(False, "Skip an update whose loss or gradient is not finite (counted in the "
                                          "metrics) instead of stopping the run there.")
+    # Detection (detect, detect_eval): how the run's anomaly maps are made; the same flag given to those jobs
+    # overrides the run's value.
+    scores: str = _field("residual", "Anomaly scores, comma-separated: residual (what the model changes in the "
+                                     "unchanged input), inpaint (each pixel's inpainting error when hidden; a run "
+                                     "trained on inpaint_grid), combined (their mean, each over its healthy "
+                                     "threshold).")
+    residual: str = _field("abs", "Which part of input - model output is anomalous: abs, pos (brighter than "
+                                  "expected) or neg (darker than expected, as most lesions are in T1).")
+    median_px: int = _field(3, "In-plane median filter of the anomaly maps, in model pixels.")
+    normative: bool = _field(False, "Express each anomaly map as its excess over the run's healthy validation "
+                                    "subjects at the same template pixel, in units of their spread (runs with "
+                                    "--preprocess=brain), so places where healthy brains vary are not flagged.")
     # Bookkeeping.
     checkpoint_every_steps: Optional[int] = _field(None, "Also checkpoint every N steps (besides every epoch).")
     keep_checkpoints: int = _field(3, "Keep the last N checkpoints (and the best by validation SSIM).")
@@ -93,7 +111,7 @@ class Config:
                     "epochs": (self.epochs, 1), "eval_batch_size": (self.eval_batch_size, 1),
                     "keep_checkpoints": (self.keep_checkpoints, 1), "max_steps": (self.max_steps, 1),
                     "checkpoint_every_steps": (self.checkpoint_every_steps, 1),
-                    "max_subjects": (self.max_subjects, 2)}
+                    "max_subjects": (self.max_subjects, 2), "median_px": (self.median_px, 1)}
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise UserError(f"--{name} must be positive, got {value}.")
@@ -108,6 +126,8 @@ class Config:
                             "template and its brain mask); use that instead.")
         if self.preprocess not in ("none", "brain"):
             raise UserError(f"--preprocess={self.preprocess} is not one of none, brain.")
+        if self.residual not in RESIDUALS:
+            raise UserError(f"--residual={self.residual} is not one of {', '.join(RESIDUALS)}.")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}.")
 
@@ -131,11 +151,12 @@ class Config:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-# Fields that may change when a run is resumed in the same workdir (they bound or log the run,
-# they do not change what is being trained).
+# Fields that may change when a run is resumed in the same workdir (they bound or log the run, or say how its
+# anomaly maps are made; they do not change what is being trained).
 RESUMABLE_FIELDS = frozenset(
     {"epochs", "max_steps", "max_train_minutes", "checkpoint_every_steps", "keep_checkpoints",
-     "eval_batch_size", "cache_dir", "conv_impl", "strict", "skip_nonfinite"}
+     "eval_batch_size", "cache_dir", "conv_impl", "strict", "skip_nonfinite", "scores", "residual", "median_px",
+     "normative"}
 )
 # How the training slices reach the step changes nothing trained: both loaders give the same batches.
 RESUMABLE_FIELDS |= {"data_loader", "data_workers"}

@@ -72,9 +72,9 @@ def _pool(per_kind: list[dict]) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _eval_step(graphdef, policy: corruptions.Policy, seed: int, nonnegative: bool):
+def _eval_step(graphdef, policy: corruptions.Policy, seed: int, nonnegative: bool, flip_average: bool):
     """The jitted eval step for one policy, kept so that evaluating a run again does not compile again."""
-    return train.make_eval_step(graphdef, policy, seed, nonnegative)
+    return train.make_eval_step(graphdef, policy, seed, nonnegative, flip_average)
 
 
 def evaluation_data(cfg, data_dir: Optional[str]) -> tuple[dataset_lib.Dataset, str]:
@@ -103,7 +103,7 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
     for name, spec in evaluation_policies(cfg.eval_policy, kinds).items():
         logging.info("Evaluating %s (%s) on %d slices.", name, spec, len(images))
         policy = train.parse_policy(spec)
-        eval_step = _eval_step(run.graphdef, policy, cfg.seed, cfg.nonnegative)
+        eval_step = _eval_step(run.graphdef, policy, cfg.seed, cfg.nonnegative, cfg.flip_average)
         _, slices = train.evaluate_slices(eval_step, run.params, images, cfg.eval_batch_size, mesh, keep_all=True)
         slice_kinds = [policy.kinds[i] if policy.kinds else None for i in slices["per_slice"]["kind"]]
         outputs = {"model": slices["reconstructed"],

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import dm_pix as pix
+import jax
 import jax.numpy as jnp
 
 from mrirecon_jax.config import UserError
 
 SSIM_L1_ALPHA = 0.84  # Zhao et al. 2017, "Loss Functions for Image Restoration with Neural Networks".
+UNIFORM_WINDOW = 7  # scikit-image's SSIM window, the one metrics.ssim scores with
 
 
 def _weighted_mean(values, weights):
@@ -23,9 +25,17 @@ def _weighted_mean(values, weights):
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def ssim_loss(pred, target, weights: Optional[jnp.ndarray] = None):
-    """1 - SSIM with dm-pix's Gaussian window (11x11, sigma 1.5), data range 1."""
-    ssim_map = pix.ssim(pred, target, max_val=1.0, return_map=True)
+def _uniform_window_mean(z):
+    """Means over UNIFORM_WINDOW x UNIFORM_WINDOW windows of an NHWC batch ('valid')."""
+    size = UNIFORM_WINDOW
+    return jax.lax.reduce_window(z, 0.0, jax.lax.add, (1, size, size, 1), (1, 1, 1, 1), "VALID") / size ** 2
+
+
+def ssim_loss(pred, target, weights: Optional[jnp.ndarray] = None, uniform_window: bool = False):
+    """1 - SSIM, data range 1, with dm-pix's Gaussian window (11x11, sigma 1.5) or, with `uniform_window`, the
+    uniform 7x7 window of scikit-image and of the SSIM metric."""
+    filter_fn = _uniform_window_mean if uniform_window else None
+    ssim_map = pix.ssim(pred, target, max_val=1.0, return_map=True, filter_fn=filter_fn)
     if weights is not None:  # the map is 'valid'-cropped: crop the weights the same way
         cut_h = (weights.shape[1] - ssim_map.shape[1]) // 2
         cut_w = (weights.shape[2] - ssim_map.shape[2]) // 2
@@ -48,8 +58,14 @@ def ssim_l1_loss(pred, target, weights: Optional[jnp.ndarray] = None, alpha: flo
     return alpha * ssim_loss(pred, target, weights) + (1.0 - alpha) * l1_loss(pred, target, weights)
 
 
+def ssim_uniform_loss(pred, target, weights: Optional[jnp.ndarray] = None):
+    """1 - SSIM with the metric's uniform 7x7 window."""
+    return ssim_loss(pred, target, weights, uniform_window=True)
+
+
 LOSSES: dict[str, Callable] = {
     "ssim": ssim_loss,
+    "ssim7": ssim_uniform_loss,
     "l1": l1_loss,
     "mse": mse_loss,
     "ssim_l1": ssim_l1_loss,

@@ -122,11 +122,11 @@ def save_runs_vs_time(path, runs: list[tuple[str, list[dict]]], references: list
     for ax, prefix, title in zip(axes, ("", "thesis_"), ("standard 2-D SSIM", "thesis-compatible SSIM")):
         for index, (label, records) in enumerate(runs):
             minutes = [r["wall_time_s"] / 60.0 for r in records]
-            for part, style in (("slice", "-"), ("patch", "--")):
+            for part, parts, style in (("slice", "slices", "-"), ("patch", "patches", "--")):
                 values = [r.get(f"{prefix}ssim_{part}") for r in records]
                 if any(v is not None for v in values):
                     ax.plot(minutes, values, style, marker="o", markersize=2.5, color=f"C{index}",
-                            label=f"{label}, {part}s")
+                            label=f"{label}, {parts}")
         if prefix:
             for index, (label, ssim_slice, ssim_patch) in enumerate(references):
                 for value, part in ((ssim_slice, "slices"), (ssim_patch, "patches")):

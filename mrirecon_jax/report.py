@@ -193,7 +193,7 @@ def _time_figure(runs: Sequence[_Run], output: Path) -> list[str]:
     path = output.with_name(f"{output.stem}_ssim_vs_time.png")
     references = {(row.table, row.image_size, row.data, row.slices, row.plane, row.subjects): row
                   for row in (thesis_row_for(run.cfg) for run in runs) if row is not None}
-    plots.save_runs_vs_time(path, [(run.label, run.records) for run in runs],
+    plots.save_runs_vs_time(path, [(Path(run.label).name, run.records) for run in runs],  # legend: folder names
                             [(f"thesis {row.table} {row.image_size} px {row.data}, best epoch", *row.ssim)
                              for row in references.values()])
     return [f"![validation SSIM against training time]({path.name})", "",

@@ -11,6 +11,8 @@ imports PyTorch when that is installed (about 3 s and 200 MB), which no other jo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SAMPLE_SLICES = 4  # validation slices shown per image
@@ -48,12 +50,14 @@ class TrainingSummaries:
             writer.add_scalar("train/images_per_second", images_per_second, step)
 
     def validation(self, record: dict, samples: dict) -> None:
-        """Every number of a metrics record (booleans and text left out), and the sample grid."""
+        """Every finite number of a metrics record (booleans, text and the patch metrics of a run without patches
+        left out), and the sample grid."""
         writer = self._write()
         if writer is None:
             return
         for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value)):
                 writer.add_scalar(TRAINING_FIELDS.get(name, f"val/{name}"), value, record["step"])
         writer.add_image("val/samples", sample_grid(samples), record["step"], dataformats="HW")
         writer.flush()

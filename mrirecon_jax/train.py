@@ -54,10 +54,15 @@ def build_model(cfg: Config) -> unet.UNet:
     return unet.UNet(spec, dtype=unet.DTYPES[cfg.dtype], conv_impl=cfg.conv_impl, rngs=nnx.Rngs(params=key))
 
 
-def model_apply(graphdef: nnx.GraphDef) -> Callable:
-    """(params, normalised NHWC batch) -> the model's output, in the frame of its input."""
+def model_apply(graphdef: nnx.GraphDef, flip_average: bool = False) -> Callable:
+    """(params, normalised NHWC batch) -> the model's output, in the frame of its input; with `flip_average` the
+    mean of its outputs on the batch and on the batch's left-right mirror image (test-time augmentation)."""
     def apply(params, images):
-        return nnx.merge(graphdef, params)(images)
+        model = nnx.merge(graphdef, params)
+        if not flip_average:
+            return model(images)
+        both = model(jnp.concatenate([images, images[:, :, ::-1]]))
+        return 0.5 * (both[:len(images)] + both[len(images):, :, ::-1])
     return apply
 
 
@@ -125,7 +130,7 @@ class TrainedModel:
     @functools.cached_property
     def apply(self) -> Callable:
         """Jitted: normalised NHWC batch -> the model's output, in the frame of its input."""
-        return functools.partial(jax.jit(model_apply(self.graphdef)), self.params)
+        return functools.partial(jax.jit(model_apply(self.graphdef, self.cfg.flip_average)), self.params)
 
 
 def restore_model(workdir, checkpoint: str = "best") -> TrainedModel:
@@ -233,13 +238,15 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, policy: corruptions.Policy, seed: int, nonnegative: bool) -> Callable:
-    """Jitted (params, clean batch, slice indices) -> (per-slice metrics, (corrupted, reconstruction, masks)).
+def make_eval_step(graphdef: nnx.GraphDef, policy: corruptions.Policy, seed: int, nonnegative: bool,
+                   flip_average: bool = False) -> Callable:
+    """Jitted (params, clean batch, slice indices) -> (per-slice metrics, (corrupted, reconstruction, masks)), the
+    model applied as inference applies it (`flip_average`, see :func:`model_apply`).
 
     One fixed key per validation slice (from the seed and the slice's index), so results depend neither on the
     batch size nor on the step, and every evaluation of a checkpoint agrees to the last digit.
     """
-    apply = model_apply(graphdef)
+    apply = model_apply(graphdef, flip_average)
     eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_KEY)
 
     def eval_step(params, clean, slice_indices):
@@ -410,7 +417,7 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
         total_steps = min(total_steps, cfg.max_steps)
     graphdef, tx, state = init_train_state(cfg, mesh, total_steps)
     train_step = make_train_step(cfg, graphdef, tx, policy)
-    eval_step = make_eval_step(graphdef, val_policy, cfg.seed, cfg.nonnegative)
+    eval_step = make_eval_step(graphdef, val_policy, cfg.seed, cfg.nonnegative, cfg.flip_average)
     logging.info("Data: %s; %d train / %d val slices; %d steps per epoch; model %s with %d parameters.",
                  dataset.source, split["n_train_slices"], len(dataset.val), steps_per_epoch, cfg.model,
                  sum(x.size for x in jax.tree.leaves(state["params"])))

@@ -140,7 +140,8 @@ def test_user_errors(tmp_path, case):
         "bad_extension": (lambda: infer.reconstruct(identity(16), source, tmp_path / "out.png"), ".nii"),
         "mask_shape": (lambda: infer.detect(identity(16), source, tmp_path / "map.nii.gz", brain_mask_path=save(
             tmp_path / "mask.nii.gz", np.ones((16, 16, 5)), np.eye(4))), "not on the grid"),
-        "bad_residual": (lambda: infer.detect(identity(16), source, tmp_path / "m.nii", residual="sq"), "--residual"),
+        "bad_residual": (lambda: infer.detect(identity(16), source, tmp_path / "m.nii",
+                                              settings=infer.DetectionSettings(residual="sq")), "--residual"),
         "bad_corrupt": (lambda: infer.reconstruct(identity(16), source, tmp_path / "o.nii", corrupt="blur"),
                         "--corrupt"),
     }
@@ -231,12 +232,13 @@ def test_anomaly_map_signs_filter_and_brain():
     reconstruction = np.zeros_like(inputs)
     brain = np.ones_like(inputs, bool)
     brain[0, 3, 3] = False
-    pos, neg, both = (infer.anomaly_map(inputs, reconstruction, brain, r) for r in ("pos", "neg", "abs"))
+    pos, neg, both = (infer.postprocess(infer.signed_residual(inputs - reconstruction, r), brain)
+                      for r in ("pos", "neg", "abs"))
     assert pos[0, 3, 4] == 1.0 and pos[0, 6, 6] == 0.0 and neg[0, 6, 6] == 1.0 and neg[0, 3, 4] == 0.0
     assert both[0, 3, 4] == 1.0 and both[0, 6, 6] == 1.0 and both[0, 1, 1] == 0.0
     assert both[0, 3, 3] == 0.0 and both[0, 0, 8] == 0.0  # outside the brain; a lone pixel
     with pytest.raises(UserError, match="--residual"):
-        infer.anomaly_map(inputs, reconstruction, brain, "square")
+        infer.signed_residual(inputs - reconstruction, "square")
 
 
 def _oracle(cfg, cases):
@@ -316,15 +318,16 @@ def tiny_ixi_run(tmp_path_factory, cache_dir):
 
 
 def test_detect_eval_then_detect_on_the_glioma_case(tiny_ixi_run, tmp_path):
-    results = infer.detect_eval(tiny_ixi_run, max_subjects=2)
-    written = json.loads((tiny_ixi_run / "detect" / "metrics.json").read_text())
+    results = infer.detect_eval(tiny_ixi_run, max_subjects=2)["scores"]["residual"]
+    everything = json.loads((tiny_ixi_run / "detect" / "metrics.json").read_text())
+    written = everything["scores"]["residual"]
     split = json.loads((tiny_ixi_run / "split.json").read_text())
-    assert written["subjects"] == split["val_subjects"] == list(written["per_subject"])
+    assert everything["subjects"] == split["val_subjects"] == list(written["per_subject"])
     for name in ("patch", "blob"):
         scores = written["kinds"][name]
         assert 0 <= scores["auroc"] <= 1 and 0 < scores["auprc"] <= 1 and 0 < scores["best_dice"] <= 1
         assert scores["n_positive"] > 0
-        for subject in written["subjects"]:
+        for subject in everything["subjects"]:
             own = written["per_subject"][subject][name]
             assert 0 <= own["dice_at_val_threshold"] <= own["best_dice"] + 1e-9
     overall = written["overall"]

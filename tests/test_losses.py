@@ -37,6 +37,17 @@ def test_ssim_loss_is_one_minus_dm_pix_ssim():
     np.testing.assert_allclose(float(losses.ssim_loss(pred, target)), float(expected), atol=1e-6)
 
 
+def test_ssim7_loss_is_one_minus_the_metric_scikit_image_computes():
+    from skimage.metrics import structural_similarity
+
+    pred, target = _pair(5)
+    expected = np.mean([structural_similarity(np.asarray(t[..., 0]), np.asarray(p[..., 0]), data_range=1.0)
+                        for p, t in zip(pred, target)])
+    # The same window; scikit-image's sample covariance (49/48) is the only difference.
+    np.testing.assert_allclose(1.0 - float(losses.get_loss("ssim7")(pred, target)), expected, atol=1e-4)
+    assert abs(float(losses.ssim_loss(pred, target)) - float(losses.get_loss("ssim7")(pred, target))) > 1e-3
+
+
 def test_ssim_l1_is_the_weighted_mix():
     pred, target = _pair(3)
     a = losses.SSIM_L1_ALPHA

@@ -65,6 +65,23 @@ def test_evaluation_is_deterministic_and_independent_of_batch_size():
     assert first["n_val_slices"] == 20 and 0 < first["ssim_slice"] < 1
 
 
+def test_flip_average_is_the_mean_over_the_mirror_image_and_reaches_evaluation():
+    cfg = Config(**{**SMALL_RUN, "corruptions": "gibbs"})
+    graphdef, _, state = train.init_train_state(cfg, train.make_mesh())
+    images = jnp.asarray(_brain_like(4, seed=2))
+    plain = train.model_apply(graphdef)(state["params"], images)
+    averaged = train.model_apply(graphdef, flip_average=True)(state["params"], images)
+    mirrored = train.model_apply(graphdef)(state["params"], images[:, :, ::-1])[:, :, ::-1]
+    np.testing.assert_allclose(averaged, 0.5 * (plain + mirrored), atol=1e-6)
+    assert float(jnp.max(jnp.abs(plain - mirrored))) > 1e-4  # an untrained U-Net is not mirror-symmetric
+    # Evaluation applies it: a left-right symmetric slice with a symmetric corruption comes out symmetric.
+    symmetric = 0.5 * (images + images[:, :, ::-1])
+    eval_step = train.make_eval_step(graphdef, train.parse_policy("gibbs"), cfg.seed, cfg.nonnegative, True)
+    _, (corrupted, pred, _) = eval_step(state["params"], symmetric, jnp.arange(4))
+    np.testing.assert_allclose(corrupted, corrupted[:, :, ::-1], atol=1e-5)
+    np.testing.assert_allclose(pred, pred[:, :, ::-1], atol=1e-5)
+
+
 def test_collapsed_output_is_detected():
     cfg = Config(**{**SMALL_RUN, "output_activation": "relu"})
     _, eval_step, state, mesh = _steps(cfg)
@@ -210,3 +227,12 @@ def test_only_an_enabled_writer_writes(tmp_path):
     quiet.training(10, 0.5, 100.0)
     quiet.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_without_patches_logs_no_patch_scalars(tmp_path):
+    """A corruption without a patch has no patch metrics (NaN): TensorBoard gets the finite numbers only."""
+    samples = {name: np.full((2, 8, 8, 1), 0.5, np.float32) for name in ("corrupted", "reconstructed", "clean")}
+    with summaries.TrainingSummaries(tmp_path) as writer:
+        writer.validation({"step": 3, "ssim_slice": 0.9, "ssim_patch": float("nan"), "complete": True}, samples)
+    tags = {value.tag for event in _events(tmp_path) for value in event.summary.value}
+    assert "val/ssim_slice" in tags and "val/ssim_patch" not in tags and "val/complete" not in tags

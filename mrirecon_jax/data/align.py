@@ -3,7 +3,10 @@ template that nilearn ships (2 mm), skull stripping by the template's brain mask
 inside the brain. Registration and N4 are SimpleITK's; nothing here is hand-written registration.
 
 Every job reaches this through ``prepare.prepare_volume``, so training, evaluation and detection see the same
-template-space slices for the same file. The slice cache (``data.dataset``) keeps the result of training data.
+template-space slices for the same file. Each alignment is cached on disk by content (:func:`align_cached`: the
+volume's bytes, its voxel sizes, ALIGNMENT_VERSION), so a file is registered once whatever slices, split or job
+later use it; the slice cache (``data.dataset``) keeps the slices of a whole dataset. Results on the template grid
+go back to the input's own grid through the inverse registration (:meth:`Aligned.to_input`).
 
 A volume that is already skull-stripped (its border is (almost) one value, ``brain.masked_background``: BraTS,
 ATLAS, the shared glioma) is detected: N4 then only sees its non-background voxels, registration uses it as it is,
@@ -15,12 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import skimage.filters
 
 from mrirecon_jax.config import UserError
 from mrirecon_jax.data import brain as brain_lib
+from mrirecon_jax.data import cache
 from mrirecon_jax.data.volumes import BadVolume
 
 TEMPLATE_RESOLUTION_MM = 2
@@ -30,6 +38,10 @@ N4_VOXEL_MM = 4.0  # N4 fits the bias field on a copy shrunk to about this voxel
 N4_ITERATIONS = (25, 25, 25)
 REGISTRATION_SAMPLING = 0.1  # fraction of the template voxels the metric samples (fixed seed)
 REGISTRATION_SEED = 1  # fixed (0 would be SimpleITK's wall-clock seed)
+# Bump whenever align_volume can give another result for the same input (any parameter or step above or below),
+# so the aligned cache is not read for it.
+ALIGNMENT_VERSION = 1
+ALIGNED_CACHE_FOLDER = "aligned"  # under the cache root (data.cache)
 
 
 def _sitk():
@@ -134,22 +146,82 @@ def normalise_brain(volume, brain) -> np.ndarray:
     return np.where(brain, np.clip(scaled, 0.0, 1.0), 0.0).astype(np.float32)
 
 
+def affine_transform(matrix: np.ndarray):
+    """A 4x4 matrix acting on physical points as a SimpleITK affine transform (centre 0)."""
+    transform = _sitk().AffineTransform(3)
+    transform.SetMatrix(np.asarray(matrix, np.float64)[:3, :3].ravel().tolist())
+    transform.SetTranslation(np.asarray(matrix, np.float64)[:3, 3].tolist())
+    return transform
+
+
+def transform_matrix(transform) -> np.ndarray:
+    """A SimpleITK affine transform (p -> M (p - c) + c + t) as a 4x4 matrix acting on physical points."""
+    linear = np.asarray(transform.GetMatrix(), np.float64).reshape(3, 3)
+    centre = np.asarray(transform.GetCenter(), np.float64)
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = np.asarray(transform.GetTranslation(), np.float64) + centre - linear @ centre
+    return matrix
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Aligned:
-    """A volume in template space, with what is needed to bring the input's masks there too."""
+    """A volume in template space, with what is needed to bring the input's masks there and results back."""
 
     volume: np.ndarray  # template grid, normalised inside the brain, 0 outside
     brain: np.ndarray  # template grid, bool
     zooms: tuple[float, float, float]
     affine: np.ndarray  # template grid voxel -> MNI mm
+    input_shape: tuple[int, int, int]  # the input's canonical grid
     input_zooms: tuple[float, float, float]
-    transform: object  # SimpleITK transform, template point -> input point
+    transform: object  # SimpleITK affine transform, template point -> input point
     stripped: bool  # the input was detected as already skull-stripped
 
     def to_template(self, mask) -> np.ndarray:
         """A mask on the input's canonical grid, as a float fraction on the template grid (linear)."""
         return resample(np.asarray(mask, np.float32), self.input_zooms, self.transform, self.volume.shape,
                         self.zooms)
+
+    def to_input(self, array, affine: Optional[np.ndarray] = None, linear: bool = True) -> np.ndarray:
+        """An array on the template grid, or on any grid that `affine` (voxel -> MNI mm) places in template space
+        (the model grid, say), sampled on the input's canonical grid through the inverse registration; 0 outside.
+        One interpolation, whatever the grid."""
+        template_point_to_mm = self.affine @ np.diag([*(1.0 / np.asarray(self.zooms)), 1.0])
+        input_to_array = (np.linalg.inv(self.affine if affine is None else np.asarray(affine, np.float64))
+                          @ template_point_to_mm @ np.linalg.inv(transform_matrix(self.transform)))
+        return resample(np.asarray(array, np.float32), (1.0, 1.0, 1.0), affine_transform(input_to_array),
+                        self.input_shape, self.input_zooms, linear)
+
+    def input_brain(self, volume) -> np.ndarray:
+        """The brain on the input's canonical grid (`volume` is the input): the template's brain mask brought back,
+        and for a skull-stripped input only its non-background voxels."""
+        brain = self.to_input(template().brain.astype(np.float32)) >= 0.5
+        background = brain_lib.masked_background(volume) if self.stripped else None
+        return brain if background is None else brain & (np.asarray(volume) != background)
+
+    def to_arrays(self) -> dict:
+        """Everything it holds as named arrays (the transform as its matrix, translation and centre)."""
+        return {"volume": self.volume, "brain": self.brain, "zooms": np.asarray(self.zooms), "affine": self.affine,
+                "input_shape": np.asarray(self.input_shape), "input_zooms": np.asarray(self.input_zooms),
+                "transform_matrix": np.asarray(self.transform.GetMatrix()),
+                "transform_translation": np.asarray(self.transform.GetTranslation()),
+                "transform_center": np.asarray(self.transform.GetCenter()), "stripped": np.asarray(self.stripped)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Aligned":
+        """The inverse of :meth:`to_arrays`: the same arrays and a transform that maps every point alike."""
+        transform = _sitk().AffineTransform(3)
+        transform.SetMatrix(arrays["transform_matrix"].tolist())
+        transform.SetTranslation(arrays["transform_translation"].tolist())
+        transform.SetCenter(arrays["transform_center"].tolist())
+        return cls(volume=arrays["volume"], brain=arrays["brain"], zooms=_floats(arrays["zooms"]),
+                   affine=arrays["affine"], input_shape=tuple(int(n) for n in arrays["input_shape"]),
+                   input_zooms=_floats(arrays["input_zooms"]), transform=transform,
+                   stripped=bool(arrays["stripped"]))
+
+
+def _floats(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
 
 
 def align_volume(volume, zooms) -> Aligned:
@@ -176,7 +248,32 @@ def align_volume(volume, zooms) -> Aligned:
     if not brain.any():
         raise BadVolume("The volume does not overlap the template's brain after registration.")
     return Aligned(volume=normalise_brain(moved, brain), brain=brain, zooms=atlas.zooms, affine=atlas.affine,
-                   input_zooms=zooms, transform=transform, stripped=stripped)
+                   input_shape=tuple(volume.shape), input_zooms=zooms, transform=transform, stripped=stripped)
+
+
+def cache_path(cache_root: Path, volume, zooms) -> Path:
+    """The aligned-cache file of a volume: named by a hash of its bytes, shape and voxel sizes, ALIGNMENT_VERSION
+    and the SimpleITK version (another one may register differently)."""
+    volume = np.ascontiguousarray(volume, np.float32)
+    key = {"version": ALIGNMENT_VERSION, "simpleitk": _sitk().Version.VersionString(), "shape": volume.shape,
+           "zooms": [float(z) for z in zooms]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+    digest.update(memoryview(volume).cast("B"))
+    return cache_root / ALIGNED_CACHE_FOLDER / f"{digest.hexdigest()}.npz"
+
+
+def align_cached(volume, zooms, cache_root: Optional[Path]) -> Aligned:
+    """:func:`align_volume` through the aligned cache under `cache_root` (data.cache; no cache when None): a hit
+    gives the same arrays and transform as a fresh alignment; an unreadable file is rebuilt with a warning."""
+    volume = np.asarray(volume, np.float32)
+    if cache_root is None:
+        return align_volume(volume, zooms)
+    path = cache_path(cache_root, volume, zooms)
+    aligned = cache.read_npz(path, Aligned.from_arrays) if path.is_file() else None
+    if aligned is None:
+        aligned = align_volume(volume, zooms)
+        cache.write_npz(path, aligned.to_arrays(), compressed=True, what="aligned-volume cache")
+    return aligned
 
 
 def brain_slices(axis: int = 2) -> np.ndarray:

@@ -7,14 +7,16 @@ dataset records the sentences, and ``--strict`` turns any of them into an error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
-import tempfile
+import time
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -23,13 +25,12 @@ from absl import logging
 
 from mrirecon_jax import distributed
 from mrirecon_jax.config import Config, UserError
-from mrirecon_jax.data import demo, volumes
+from mrirecon_jax.data import align, cache, demo, volumes
+from mrirecon_jax.data.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR  # noqa: F401  (where the cache lives)
 from mrirecon_jax.data.prepare import prepare_volume
 
 # Bump whenever the arrays produced for the same inputs change, so stale caches are not read.
 CACHE_FORMAT_VERSION = 3
-CACHE_DIR_ENV = "MRIRECON_CACHE_DIR"
-DEFAULT_CACHE_DIR = "~/.cache/mrirecon_jax"
 # The settings that shape the slices of one volume (the split settings join them for a split dataset).
 SLICE_SETTINGS = ("plane", "slices", "slab_mm", "image_size", "skull_strip", "preprocess")
 SPLIT_SETTINGS = ("val_fraction", "max_subjects", "seed")
@@ -93,7 +94,8 @@ def volume_readers(data_dir: Optional[str]) -> tuple[list[tuple[str, Reader]], o
         template = demo.mni_template_path()
         inputs = {"demo": {"n_subjects": demo.DEMO_SUBJECTS, "seed": demo.DEMO_SEED,
                            "template": volumes.fingerprint(template) if template else "phantom"}}
-        return [(s, Reader(f"demo subject {s}", lambda _, v=v, z=z: (v, z))) for s, v, z in subjects], inputs, source
+        return [(s, Reader(f"demo subject {s}", functools.partial(_in_memory, v, z))) for s, v, z in subjects], \
+            inputs, source
     paths = volumes.find_volumes(data_dir)
     readers = [(volumes.subject_id(p), Reader(f"NIfTI file {p}", functools.partial(volumes.load_volume, p)))
                for p in paths]
@@ -103,16 +105,21 @@ def volume_readers(data_dir: Optional[str]) -> tuple[list[tuple[str, Reader]], o
                                                             f"from {folder}."
 
 
+def _in_memory(volume, zooms, repairs=None):
+    """A reader's load of a volume held in memory (a function, not a lambda, so readers can go to a worker)."""
+    del repairs
+    return volume, zooms
+
+
 # ---------------------------------------------------------------------------------------------------- the cache
 
 def _cache_file(cfg: Config, key: dict) -> Optional[Path]:
     """Where the arrays for this key live; None (with a warning) if the cache would sit inside the data folder."""
-    cache_dir = Path(cfg.cache_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser().absolute()
-    if cfg.data_dir is not None and cache_dir.resolve().is_relative_to(Path(cfg.data_dir).expanduser().resolve()):
-        warnings.warn(f"Cache directory {cache_dir} is inside the data directory; not caching.", stacklevel=3)
+    root = cache.cache_root(cfg)
+    if root is None:
         return None
     full = {"format": CACHE_FORMAT_VERSION, **key, **{name: getattr(cfg, name) for name in SLICE_SETTINGS}}
-    return cache_dir / f"{hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()}.npz"
+    return root / f"{hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()}.npz"
 
 
 _ARRAYS = ("train", "val", "train_slice_subject", "val_slice_subject")
@@ -120,33 +127,16 @@ _STRINGS = ("train_subjects", "val_subjects", "skipped", "repaired", "skipped_su
 
 
 def _read_cache(path: Path) -> Optional[Dataset]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return Dataset(**{name: npz[name] for name in _ARRAYS},
-                           **{name: tuple(str(s) for s in npz[name]) for name in _STRINGS},
-                           source=str(npz["source"]), cache_path=str(path), cache_hit=True)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        warnings.warn(f"Cache file {path} is unreadable ({error}); rebuilding it.", stacklevel=3)
-        return None
+    return cache.read_npz(path, lambda npz: Dataset(
+        **{name: npz[name] for name in _ARRAYS}, **{name: tuple(str(s) for s in npz[name]) for name in _STRINGS},
+        source=str(npz["source"]), cache_path=str(path), cache_hit=True))
 
 
 def _write_cache(path: Path, dataset: Dataset) -> bool:
-    """Writes the arrays atomically (temp file + rename); warns and returns False if that fails."""
-    temp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{name: getattr(dataset, name) for name in _ARRAYS},
-                     **{name: np.array(getattr(dataset, name), dtype=str) for name in _STRINGS},
-                     source=np.array(dataset.source))
-        os.replace(temp, path)
-        return True
-    except OSError as error:
-        if temp is not None and os.path.exists(temp):
-            os.remove(temp)
-        warnings.warn(f"Cannot write the data cache at {path} ({error}); continuing without it.", stacklevel=3)
-        return False
+    """Writes the arrays atomically; warns and returns False if that fails."""
+    return cache.write_npz(path, {**{name: getattr(dataset, name) for name in _ARRAYS},
+                                  **{name: np.array(getattr(dataset, name), dtype=str) for name in _STRINGS},
+                                  "source": np.array(dataset.source)})
 
 
 def _cached(cfg: Config, key: dict, build: Callable[[], Dataset]) -> Dataset:
@@ -181,6 +171,7 @@ def _prepare_subjects(cfg: Config, readers, subjects: Sequence[str]):
     files: dict[str, list[Reader]] = {}
     for subject, read in readers:
         files.setdefault(subject, []).append(read)
+    align_in_parallel(cfg, [read for subject in subjects for read in files[subject]])
     prepared: dict[str, list[np.ndarray]] = {}
     skipped: list[str] = []
     repaired: list[str] = []
@@ -196,6 +187,69 @@ def _prepare_subjects(cfg: Config, readers, subjects: Sequence[str]):
             prepared.setdefault(subject, []).append(slices)
             repaired.extend(repairs)
     return prepared, skipped, repaired
+
+
+def align_in_parallel(cfg: Config, reads: Sequence[Reader]) -> None:
+    """With --preprocess=brain, register the files of `reads` that are not in the aligned cache (data.align) in
+    worker processes, one per available CPU core, each writing its result to that cache; a sequential pass of
+    prepare_volume then reads them from it, so the slices are those of a sequential run and an unusable file is
+    skipped and reported by that pass. Nothing happens without a cache, or with fewer than 2 files to register or
+    2 cores."""
+    if cfg.preprocess != "brain" or cache.cache_root(cfg) is None:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    missing = _not_aligned_yet(cfg, reads) if cores > 1 else []
+    workers = min(cores, len(missing))
+    if workers < 2:
+        return
+    start = time.perf_counter()
+    try:
+        # 'spawn': the parent may hold JAX's threads, which a forked child would inherit in an unknown state.
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_quiet_worker) as pool:
+            registered = sum(pool.map(_align_into_cache, missing, itertools.repeat(cfg)))
+    except Exception as error:  # noqa: BLE001  (only a speed-up: the sequential pass does all that is left)
+        logging.warning("Data: registering in worker processes failed (%s: %s); registering one file at a time. "
+                        "(A script that builds data must start its work under `if __name__ == \"__main__\":`.)",
+                        type(error).__name__, error)
+        return
+    logging.info("Data: %d of %d files registered to the template in %d processes in %.0f s.", registered,
+                 len(reads), workers, time.perf_counter() - start)
+
+
+def _not_aligned_yet(cfg: Config, reads: Sequence[Reader]) -> list[Reader]:
+    """The reads whose volume is not in the aligned cache. Each file is read here once more, quietly: the pass that
+    uses it reports its repairs, or the reason it is unusable."""
+    root, missing = cache.cache_root(cfg), []
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        for read in reads:
+            try:
+                volume, zooms = read()
+            except volumes.BadVolume:
+                continue
+            if not align.cache_path(root, volume, zooms).is_file():
+                missing.append(read)
+    finally:
+        logging.set_verbosity(verbosity)
+    return missing
+
+
+def _quiet_worker() -> None:
+    """A registration worker says nothing: the sequential pass after it reports every warning once."""
+    logging.set_verbosity(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+
+def _align_into_cache(read: Reader, cfg: Config) -> bool:
+    """In a worker: prepare one file, which writes its alignment to the aligned cache; False when that failed. The
+    failure is left to the sequential pass, which meets it again and reports it as it always has."""
+    try:
+        prepare_volume(*read(), cfg, name=read.name)
+        return True
+    except Exception:  # noqa: BLE001  (reported by the sequential pass)
+        return False
 
 
 def _assemble(cfg: Config, prepared: dict, train_ids: Sequence[str], val_ids: Sequence[str], source: str,

@@ -13,6 +13,7 @@ import numpy as np
 from mrirecon_jax.config import Config
 from mrirecon_jax.data import align
 from mrirecon_jax.data import brain as brain_lib
+from mrirecon_jax.data import cache
 from mrirecon_jax.data import geometry as geometry_lib
 from mrirecon_jax.data import normalise
 from mrirecon_jax.data.volumes import BadVolume
@@ -43,6 +44,12 @@ class PreparedVolume:
         if self.aligned is not None:
             mask = self.aligned.to_template(mask)
         return grid_mask(mask, self.zooms, self.geometry)
+
+    def to_input(self, slices, linear: bool = True) -> np.ndarray:
+        """(n, S, S) model-grid slices of an aligned volume on the input volume's canonical grid: the model grid
+        placed in template space (geometry.model_grid_affine), then through the inverse registration."""
+        return self.aligned.to_input(geometry_lib.slices_to_volume(slices, self.geometry),
+                                     geometry_lib.model_grid_affine(self.geometry, self.aligned.affine), linear)
 
 
 def grid_mask(mask: np.ndarray, zooms, geometry: geometry_lib.SliceGeometry) -> np.ndarray:
@@ -86,13 +93,13 @@ def prepare_volume(volume, zooms, cfg: Config, *, whole_volume: bool = False, br
 
 
 def _prepare_aligned(volume, zooms, cfg: Config, brain: Optional[np.ndarray], name: str) -> PreparedVolume:
-    """--preprocess=brain: the volume in template space (data.align), sliced along the template slices that hold
-    enough brain (the same for every file, whole volume or not; --slices and --slab_mm do not apply). A given
-    brain mask (input grid) is brought to the template and intersected with the template's."""
+    """--preprocess=brain: the volume in template space (data.align, through its aligned cache), sliced along the
+    template slices that hold enough brain (the same for every file, whole volume or not; --slices and --slab_mm do
+    not apply). A given brain mask (input grid) is brought to the template and intersected with the template's."""
     if min(volume.shape) < MIN_INPLANE_VOXELS:
         raise BadVolume(f"{name} has {'x'.join(map(str, volume.shape))} voxels, fewer than the "
                         f"{MIN_INPLANE_VOXELS} per side registration needs.")
-    aligned = align.align_volume(volume, zooms)
+    aligned = align.align_cached(volume, zooms, cache.cache_root(cfg))
     mask = aligned.brain
     if brain is not None:
         mask = mask & (aligned.to_template(brain) >= MASK_LEVEL)
