@@ -40,7 +40,7 @@ from mrirecon_jax.data import geometry, normalise, volumes
 from mrirecon_jax.data.prepare import PreparedVolume, prepare_volume
 from mrirecon_jax.workdir import DETECT_DIR, Workdir, write_atomically, write_json
 
-MEDIAN_FILTER_PX = 3  # in-plane median filter of the residual, in model pixels
+MEDIAN_FILTER_PX = Config().median_px  # in-plane median filter of the maps, in model pixels: the run's default
 ANOMALY_KINDS = ("patch", "blob")  # detect_eval: the thesis's line patch, and corruptions.lesion_blob
 FIGURE_CASES_PER_KIND = 2
 

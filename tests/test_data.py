@@ -10,7 +10,7 @@ import pytest
 
 from conftest import IXI_DIR, clean_slices, needs_ixi, symlink_subset, write_nifti
 from mrirecon_jax.config import Config, UserError
-from mrirecon_jax.data import dataset, demo, geometry, normalise, volumes
+from mrirecon_jax.data import cache, dataset, demo, geometry, normalise, volumes
 
 
 def synthetic_data_dir(root, names, shape=(20, 24, 16), seed=0):
@@ -382,6 +382,6 @@ def test_load_dataset_demo(tmp_path):
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     root = synthetic_data_dir(tmp_path / "vols", ["a.nii.gz", "b.nii.gz"])
-    monkeypatch.setenv(dataset.CACHE_DIR_ENV, str(tmp_path / "env-cache"))
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "env-cache"))
     ds = dataset.load_dataset(small_config(root, tmp_path).replace(cache_dir=None))
     assert Path(ds.cache_path).parent == tmp_path / "env-cache"

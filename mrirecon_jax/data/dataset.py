@@ -26,7 +26,6 @@ from absl import logging
 from mrirecon_jax import distributed
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import align, cache, demo, volumes
-from mrirecon_jax.data.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR  # noqa: F401  (where the cache lives)
 from mrirecon_jax.data.prepare import prepare_volume
 
 # Bump whenever the arrays produced for the same inputs change, so stale caches are not read.
