@@ -143,8 +143,10 @@ def _line_geometry(key, height, width, max_thickness_frac=1 / 8, centre_frac=0.5
     return points, thickness, opacity
 
 
-def _segment_mask(height, width, points, thickness):
-    """(H, W) float32 mask of the pixel centres whose distance to the segment is <= thickness / 2."""
+def _segment_distance(height, width, points, square_pen=False):
+    """(H, W) float32 distance of each pixel centre to the segment ``points``: Euclidean (a round pen), or with
+    ``square_pen`` (may be traced) the Chebyshev distance (a square pen, as a line dilated with a square footprint
+    is)."""
     rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
                               indexing="ij")
     p = jnp.stack([rows, cols], axis=-1)  # (H, W, 2)
@@ -152,13 +154,30 @@ def _segment_mask(height, width, points, thickness):
     ab = b - a
     denom = jnp.maximum(jnp.sum(ab * ab), 1e-12)
     t = jnp.clip(jnp.sum((p - a) * ab, axis=-1) / denom, 0.0, 1.0)
-    closest = a + t[..., None] * ab
-    dist2 = jnp.sum((p - closest) ** 2, axis=-1)
-    return (dist2 <= (thickness / 2.0) ** 2).astype(jnp.float32)
+    round_distance = jnp.sqrt(jnp.sum((p - (a + t[..., None] * ab)) ** 2, axis=-1))
+    if square_pen is False:
+        return round_distance
+    # max(|u_r - t ab_r|, |u_c - t ab_c|) is convex and piecewise linear in t: its minimum over [0, 1] lies at an
+    # end, at a zero of either term or where the two terms cross; evaluate all six candidates.
+    u_r, u_c = p[..., 0] - a[0], p[..., 1] - a[1]
+
+    def ratio(num, den):
+        return jnp.where(jnp.abs(den) > 1e-6, num / jnp.where(jnp.abs(den) > 1e-6, den, 1.0), 0.0)
+
+    candidates = [jnp.zeros_like(u_r), jnp.ones_like(u_r), ratio(u_r, ab[0]), ratio(u_c, ab[1]),
+                  ratio(u_r - u_c, ab[0] - ab[1]), ratio(u_r + u_c, ab[0] + ab[1])]
+    square_distance = jnp.min(jnp.stack([jnp.maximum(jnp.abs(u_r - c * ab[0]), jnp.abs(u_c - c * ab[1]))
+                                         for c in (jnp.clip(c, 0.0, 1.0) for c in candidates)]), axis=0)
+    return jnp.where(square_pen, square_distance, round_distance)
+
+
+def _segment_mask(height, width, points, thickness):
+    """(H, W) float32 mask of the pixel centres whose distance to the segment is <= thickness / 2."""
+    return (_segment_distance(height, width, points) <= thickness / 2.0).astype(jnp.float32)
 
 
 def line_patch(key, image, max_thickness_frac=1 / 8, centre_frac=0.5, min_opacity=0.3, max_opacity=1.0,
-               clip_probability=1.0):
+               clip_probability=1.0, edge_px_range=(0.0, 0.0), square_pen_probability=0.0):
     """Thesis section 4.4.7: add a white line of random ends, thickness and opacity; return (image, mask).
 
     Ends are drawn uniformly in the central box (``centre_frac`` of each side, "to avoid creating patches in
@@ -167,17 +186,30 @@ def line_patch(key, image, max_thickness_frac=1 / 8, centre_frac=0.5, min_opacit
     ``minimum(image + opacity * mask, max(image))``: the patch is clipped to the slice maximum so the dynamic
     range does not grow (with probability ``clip_probability``; otherwise the line is simply added). ``mask`` is
     (H, W, 1) float32 in {0, 1}; pixels already at the maximum are in the mask but unchanged.
+
+    Other drawing programs' lines, for training: with ``edge_px_range`` the line's edge is a linear ramp of a
+    width e ~ U(edge_px_range) px centred on the hard edge (anti-aliased or blurred lines; the added intensity is
+    ``opacity * profile`` and ``mask`` marks every pixel the line changed), and with probability
+    ``square_pen_probability`` the pen is square (Chebyshev distance) instead of round.
     """
     height, width = image.shape[0], image.shape[1]
     points, thickness, opacity = _line_geometry(key, height, width, max_thickness_frac, centre_frac,
                                                 min_opacity, max_opacity)
-    mask = _segment_mask(height, width, points, thickness)[..., None]
+    if edge_px_range == (0.0, 0.0) and square_pen_probability == 0:
+        profile = _segment_mask(height, width, points, thickness)
+    else:
+        k_edge, k_pen = jax.random.split(jax.random.fold_in(key, 2))
+        square = jax.random.bernoulli(k_pen, square_pen_probability) if square_pen_probability else False
+        distance = _segment_distance(height, width, points, square)
+        edge = jax.random.uniform(k_edge, (), jnp.float32, *edge_px_range)
+        profile = jnp.clip((thickness / 2.0 - distance) / jnp.maximum(edge, 1e-3) + 0.5, 0.0, 1.0)
+    profile = profile[..., None]
     x = image.astype(jnp.float32)
-    patched = x + opacity * mask
+    patched = x + opacity * profile
     clipped = jnp.minimum(patched, jnp.max(x))
     if clip_probability < 1:
         clipped = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 1), clip_probability), clipped, patched)
-    return _finish(clipped, image), mask
+    return _finish(clipped, image), (profile > 0).astype(jnp.float32)
 
 
 def patch_box(mask):
@@ -592,7 +624,7 @@ def inpaint_grid(key, image, cells=INPAINT_CELLS, phases=INPAINT_PHASES):
 # hides one phase of a square grid instead (masked inpainting for detection).
 PATCHES: dict[str, Callable] = {
     "patch": line_patch,
-    "patch_wide": functools.partial(line_patch, centre_frac=0.6, min_opacity=0.2, clip_probability=0.5),
+    "patch_wide": functools.partial(line_patch, edge_px_range=(0.0, 1.5), square_pen_probability=0.5),
     "inpaint_grid": inpaint_grid,
 }
 
@@ -781,6 +813,8 @@ AUGMENTATIONS: dict[str, Callable] = {
     "noise": functools.partial(rician_noise, snr_range=(100.0, 400.0)),
     # From SNR 15 to none at all, uniform in 1 / SNR: noisier scanners; half the slices above SNR 30.
     "noise_wide": functools.partial(rician_noise, snr_range=(15.0, float("inf"))),
+    # From SNR 30 to none: the noise of 1 mm scans left after resampling to a coarse grid, with a margin.
+    "noise_moderate": functools.partial(rician_noise, snr_range=(30.0, float("inf"))),
 }
 NAMED_AUGMENTATIONS = {"site": "geometry+contrast+bias+noise", "none": ""}
 

@@ -4,7 +4,7 @@ simulated change of site (contrast, bias field, noise, small rotation), repaired
 scored against the clean slices with scikit-image's SSIM (standard, data range 1) and the thesis's own metric.
 
     python -m tools.offsite_check --workdir=runs/fast_64_augmented --data_dir=../shared/data/ixi-t1-2mm \
-        --output=runs/offsite.json [--shift=site] [--grid=square|thesis] [--subjects=8]
+        --output=runs/offsite.json [--shift=site] [--grid=square|thesis] [--line=antialiased|hard] [--subjects=8]
 
 Each held-out subject (the run's validation subjects) gives one file per kind: ``original`` (patch + 2x
 resolution loss), ``gibbs``, ``ghost`` (each patched) and ``patch`` alone (``augmented`` pools the first three,
@@ -12,6 +12,8 @@ the thesis's augmented policy), 24 slices of the central axial slab at
 64 px, each slice in [0, 1] before corruption (the corruption may leave that range, as ringing does). ``--grid``
 picks the pixels: ``square`` pads to a square field of view first (3.75 mm pixels for the 2 mm IXI copy, the
 project's own grid), ``thesis`` resizes the slice straight to 64 x 64 (anisotropic pixels, the thesis's way).
+``--line`` picks how the patch line is drawn: ``antialiased`` (an anti-aliased line dilated with a square footprint,
+soft-edged) or ``hard`` (a hard-edged round pen, as the thesis's and this project's ``patch``).
 """
 
 from __future__ import annotations
@@ -57,18 +59,38 @@ def square_slices(volume: np.ndarray, zooms, size: int, grid: str) -> np.ndarray
     return np.stack(out).astype(np.float32)
 
 
-def line_patch(image: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    """A bright anti-aliased line of random ends, thickness and opacity; returns (image, mask)."""
-    h, w = image.shape
+def line_geometry(shape, rng) -> tuple[int, int, int, int, int]:
+    """Random ends (r0, c0, r1, c1) in the central half of each side and a thickness of 1 to 1/8 of the height."""
+    h, w = shape
     r0, r1 = rng.integers(h // 4, 3 * h // 4, size=2)
     c0, c1 = rng.integers(w // 4, 3 * w // 4, size=2)
-    thickness = int(rng.integers(1, max(2, h // 8) + 1))
+    return int(r0), int(c0), int(r1), int(c1), int(rng.integers(1, max(2, h // 8) + 1))
+
+
+def line_patch(image: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A bright anti-aliased line of random ends, thickness and opacity; returns (image, mask)."""
+    r0, c0, r1, c1, thickness = line_geometry(image.shape, rng)
     mask = np.zeros_like(image)
-    rr, cc, val = skimage.draw.line_aa(int(r0), int(c0), int(r1), int(c1))
+    rr, cc, val = skimage.draw.line_aa(r0, c0, r1, c1)
     mask[rr, cc] = val
     mask = scipy.ndimage.grey_dilation(mask, size=(thickness, thickness))
     opacity = rng.uniform(0.3, 1.0)
     return np.minimum(image + opacity * mask, 1.0), (mask > 0.25).astype(np.float32)
+
+
+def hard_line_patch(image: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """The same line drawn with a hard-edged round pen (pixels within thickness / 2 of the segment), as the thesis's
+    OpenCV lines and ``mrirecon_jax``'s ``patch`` are; returns (image, mask)."""
+    r0, c0, r1, c1, thickness = line_geometry(image.shape, rng)
+    rows, cols = np.mgrid[0:image.shape[0], 0:image.shape[1]].astype(float)
+    along = np.array([r1 - r0, c1 - c0], float)
+    t = np.clip(((rows - r0) * along[0] + (cols - c0) * along[1]) / max(along @ along, 1e-12), 0, 1)
+    mask = ((rows - r0 - t * along[0]) ** 2 + (cols - c0 - t * along[1]) ** 2 <= (thickness / 2) ** 2)
+    opacity = rng.uniform(0.3, 1.0)
+    return np.minimum(image + opacity * mask, 1.0), mask.astype(np.float32)
+
+
+LINES = {"antialiased": line_patch, "hard": hard_line_patch}
 
 
 def resolution_loss(image: np.ndarray, rng) -> np.ndarray:
@@ -109,9 +131,9 @@ def site_shift(image: np.ndarray, rng) -> np.ndarray:
     return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
 
 
-def corrupt(clean: np.ndarray, kind: str, rng) -> tuple[np.ndarray, np.ndarray]:
+def corrupt(clean: np.ndarray, kind: str, rng, line: str = "antialiased") -> tuple[np.ndarray, np.ndarray]:
     image = {"original": resolution_loss, "gibbs": gibbs, "ghost": ghost, "patch": lambda x, r: x}[kind](clean, rng)
-    return line_patch(image, rng)
+    return LINES[line](image, rng)
 
 
 def to_volume(slices: np.ndarray) -> np.ndarray:
@@ -140,7 +162,7 @@ def scores(pred: np.ndarray, clean: np.ndarray, masks: np.ndarray) -> dict:
 
 
 def check(workdir, data_dir, subjects: int = 8, shift: str = "none", grid: str = "square", seed: int = 0,
-          resample_to_input: bool = False) -> dict:
+          resample_to_input: bool = False, line: str = "antialiased") -> dict:
     work = Workdir(workdir)
     cfg: Config = work.read_config()
     val = set(work.read_split()["val_subjects"])
@@ -157,7 +179,7 @@ def check(workdir, data_dir, subjects: int = 8, shift: str = "none", grid: str =
             pixel = 240.0 / cfg.image_size if grid == "square" else 3.0
             affine = np.diag([pixel, 240.0 / cfg.image_size, zooms[2], 1.0])
             for kind in KINDS:
-                pairs = [corrupt(c, kind, rng) for c in clean]
+                pairs = [corrupt(c, kind, rng, line) for c in clean]
                 corrupted, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
                 source, output = Path(folder) / f"{subject}_{kind}.nii.gz", Path(folder) / f"{subject}_{kind}_r.nii.gz"
                 nib.Nifti1Image(to_volume(corrupted).astype(np.float32), affine).to_filename(str(source))
@@ -174,7 +196,7 @@ def check(workdir, data_dir, subjects: int = 8, shift: str = "none", grid: str =
     table["augmented"] = {m: scores(*(np.concatenate(part) for part in zip(*triples)))
                           for m, triples in everything.items()}
     return {"workdir": str(workdir), "subjects": [s for s, _ in readers], "shift": shift, "grid": grid,
-            "resample_to_input": resample_to_input, "kinds": table}
+            "line": line, "resample_to_input": resample_to_input, "kinds": table}
 
 
 def main():
@@ -185,10 +207,11 @@ def main():
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--shift", choices=["none", "site"], default="none")
     parser.add_argument("--grid", choices=["square", "thesis"], default="square")
+    parser.add_argument("--line", choices=list(LINES), default="antialiased")
     parser.add_argument("--resample_to_input", action="store_true")
     args = parser.parse_args()
     result = check(args.workdir, args.data_dir, args.subjects, args.shift, args.grid,
-                   resample_to_input=args.resample_to_input)
+                   resample_to_input=args.resample_to_input, line=args.line)
     Path(args.output).write_text(json.dumps(result, indent=2))
     for kind, entry in result["kinds"].items():
         print(kind, " ".join(f"{m}: " + " / ".join(f"{v:.3f}" for v in e.values()) for m, e in entry.items()))
