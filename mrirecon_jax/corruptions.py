@@ -143,37 +143,36 @@ def _line_geometry(key, height, width, max_thickness_frac=1 / 8, centre_frac=0.5
     return points, thickness, opacity
 
 
-def _segment_distance(height, width, points, square_pen=False):
-    """(H, W) float32 distance of each pixel centre to the segment ``points``: Euclidean (a round pen), or with
-    ``square_pen`` (may be traced) the Chebyshev distance (a square pen, as a line dilated with a square footprint
-    is)."""
+def _pixel_centres(height, width):
+    """(H, W, 2) float32 (row, col) of each pixel centre."""
     rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
                               indexing="ij")
-    p = jnp.stack([rows, cols], axis=-1)  # (H, W, 2)
-    a, b = points[0], points[1]
-    ab = b - a
-    denom = jnp.maximum(jnp.sum(ab * ab), 1e-12)
-    t = jnp.clip(jnp.sum((p - a) * ab, axis=-1) / denom, 0.0, 1.0)
-    round_distance = jnp.sqrt(jnp.sum((p - (a + t[..., None] * ab)) ** 2, axis=-1))
-    if square_pen is False:
-        return round_distance
-    # max(|u_r - t ab_r|, |u_c - t ab_c|) is convex and piecewise linear in t: its minimum over [0, 1] lies at an
-    # end, at a zero of either term or where the two terms cross; evaluate all six candidates.
-    u_r, u_c = p[..., 0] - a[0], p[..., 1] - a[1]
+    return jnp.stack([rows, cols], axis=-1)
+
+
+def _round_distance(height, width, points):
+    """(H, W) float32 Euclidean distance of each pixel centre to the segment ``points`` (a round pen)."""
+    p, a, ab = _pixel_centres(height, width), points[0], points[1] - points[0]
+    t = jnp.clip(jnp.sum((p - a) * ab, axis=-1) / jnp.maximum(jnp.sum(ab * ab), 1e-12), 0.0, 1.0)
+    return jnp.sqrt(jnp.sum((p - (a + t[..., None] * ab)) ** 2, axis=-1))
+
+
+def _square_distance(height, width, points):
+    """(H, W) float32 Chebyshev distance of each pixel centre to the segment ``points`` (a square pen, as a line
+    dilated with a square footprint is).
+
+    max(|u_r - t ab_r|, |u_c - t ab_c|) is convex and piecewise linear in t: its minimum over [0, 1] lies at an end,
+    at a zero of either term or where the two terms cross, so the six candidates give it exactly."""
+    u, ab = _pixel_centres(height, width) - points[0], points[1] - points[0]
+    u_r, u_c = u[..., 0], u[..., 1]
 
     def ratio(num, den):
         return jnp.where(jnp.abs(den) > 1e-6, num / jnp.where(jnp.abs(den) > 1e-6, den, 1.0), 0.0)
 
     candidates = [jnp.zeros_like(u_r), jnp.ones_like(u_r), ratio(u_r, ab[0]), ratio(u_c, ab[1]),
                   ratio(u_r - u_c, ab[0] - ab[1]), ratio(u_r + u_c, ab[0] + ab[1])]
-    square_distance = jnp.min(jnp.stack([jnp.maximum(jnp.abs(u_r - c * ab[0]), jnp.abs(u_c - c * ab[1]))
-                                         for c in (jnp.clip(c, 0.0, 1.0) for c in candidates)]), axis=0)
-    return jnp.where(square_pen, square_distance, round_distance)
-
-
-def _segment_mask(height, width, points, thickness):
-    """(H, W) float32 mask of the pixel centres whose distance to the segment is <= thickness / 2."""
-    return (_segment_distance(height, width, points) <= thickness / 2.0).astype(jnp.float32)
+    return jnp.min(jnp.stack([jnp.maximum(jnp.abs(u_r - t * ab[0]), jnp.abs(u_c - t * ab[1]))
+                              for t in (jnp.clip(c, 0.0, 1.0) for c in candidates)]), axis=0)
 
 
 def line_patch(key, image, max_thickness_frac=1 / 8, centre_frac=0.5, min_opacity=0.3, max_opacity=1.0,
@@ -195,12 +194,14 @@ def line_patch(key, image, max_thickness_frac=1 / 8, centre_frac=0.5, min_opacit
     height, width = image.shape[0], image.shape[1]
     points, thickness, opacity = _line_geometry(key, height, width, max_thickness_frac, centre_frac,
                                                 min_opacity, max_opacity)
-    if edge_px_range == (0.0, 0.0) and square_pen_probability == 0:
-        profile = _segment_mask(height, width, points, thickness)
+    k_edge, k_pen = jax.random.split(jax.random.fold_in(key, 2))
+    distance = _round_distance(height, width, points)
+    if square_pen_probability:
+        square = jax.random.bernoulli(k_pen, square_pen_probability)
+        distance = jnp.where(square, _square_distance(height, width, points), distance)
+    if edge_px_range == (0.0, 0.0):
+        profile = (distance <= thickness / 2.0).astype(jnp.float32)
     else:
-        k_edge, k_pen = jax.random.split(jax.random.fold_in(key, 2))
-        square = jax.random.bernoulli(k_pen, square_pen_probability) if square_pen_probability else False
-        distance = _segment_distance(height, width, points, square)
         edge = jax.random.uniform(k_edge, (), jnp.float32, *edge_px_range)
         profile = jnp.clip((thickness / 2.0 - distance) / jnp.maximum(edge, 1e-3) + 0.5, 0.0, 1.0)
     profile = profile[..., None]

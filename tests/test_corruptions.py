@@ -580,14 +580,34 @@ def test_patch_wide_stays_within_the_slice_maximum():
 
 def test_square_pen_distance_is_the_chebyshev_distance_to_the_segment():
     points = jnp.array([[20.0, 13.0], [41.0, 50.0]])
-    distance = np.asarray(C._segment_distance(64, 64, points, square_pen=True))
+    distance = np.asarray(C._square_distance(64, 64, points))
     t = np.linspace(0.0, 1.0, 20001)
     along_r, along_c = 20 + 21 * t, 13 + 37 * t
     for r, c in [(0, 0), (20, 13), (30, 30), (41, 50), (63, 5), (25, 40), (10, 60)]:
         expected = np.min(np.maximum(np.abs(r - along_r), np.abs(c - along_c)))
         assert distance[r, c] == pytest.approx(expected, abs=1e-3)
-    round_distance = np.asarray(C._segment_distance(64, 64, points))
+    round_distance = np.asarray(C._round_distance(64, 64, points))
     assert (distance <= round_distance + 1e-5).all() and (distance < round_distance - 1).any()
+
+
+def test_square_pen_line_is_every_pixel_within_half_its_thickness_in_chebyshev_distance():
+    img = np.zeros((64, 64, 1), np.float32)
+    img[0, 0] = 1.0
+    for i in range(6):
+        key = jax.random.key(40 + i)
+        points, thickness, opacity = (np.asarray(v) for v in C._line_geometry(key, 64, 64))
+        patched, mask = C.line_patch(key, jnp.asarray(img), square_pen_probability=1.0)
+        (r0, c0), (r1, c1) = points
+        t = np.linspace(0.0, 1.0, 4001)
+        rows, cols = np.mgrid[0:64, 0:64]
+        chebyshev = np.min(np.maximum(np.abs(rows[..., None] - (r0 + t * (r1 - r0))),
+                                      np.abs(cols[..., None] - (c0 + t * (c1 - c0)))), axis=-1)
+        expected = chebyshev <= thickness / 2
+        clear = np.abs(chebyshev - thickness / 2) > 0.02  # sampling the segment overestimates by < 0.02 px
+        got = np.asarray(mask[..., 0]) > 0
+        np.testing.assert_array_equal(got[clear], expected[clear])
+        np.testing.assert_allclose(np.asarray(patched - img)[..., 0], opacity * got, atol=1e-6)
+        assert got.sum() > np.sum(C._round_distance(64, 64, jnp.asarray(points)) <= thickness / 2) or thickness <= 2
 
 
 def test_patch_wide_draws_soft_edges_and_its_mask_covers_every_changed_pixel():
