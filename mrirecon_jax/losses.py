@@ -53,14 +53,21 @@ def mse_loss(pred, target, weights: Optional[jnp.ndarray] = None):
     return _weighted_mean(jnp.square(pred - target), weights)
 
 
-def ssim_l1_loss(pred, target, weights: Optional[jnp.ndarray] = None, alpha: float = SSIM_L1_ALPHA):
-    """alpha * (1 - SSIM) + (1 - alpha) * L1, the mix of Zhao et al. 2017."""
-    return alpha * ssim_loss(pred, target, weights) + (1.0 - alpha) * l1_loss(pred, target, weights)
+def ssim_l1_loss(pred, target, weights: Optional[jnp.ndarray] = None, alpha: float = SSIM_L1_ALPHA,
+                 uniform_window: bool = False):
+    """alpha * (1 - SSIM) + (1 - alpha) * L1, the mix of Zhao et al. 2017 (SSIM windowed as in ssim_loss)."""
+    return (alpha * ssim_loss(pred, target, weights, uniform_window)
+            + (1.0 - alpha) * l1_loss(pred, target, weights))
 
 
 def ssim_uniform_loss(pred, target, weights: Optional[jnp.ndarray] = None):
     """1 - SSIM with the metric's uniform 7x7 window."""
     return ssim_loss(pred, target, weights, uniform_window=True)
+
+
+def ssim_uniform_l1_loss(pred, target, weights: Optional[jnp.ndarray] = None):
+    """The SSIM + L1 mix with the metric's uniform 7x7 window."""
+    return ssim_l1_loss(pred, target, weights, uniform_window=True)
 
 
 LOSSES: dict[str, Callable] = {
@@ -69,6 +76,7 @@ LOSSES: dict[str, Callable] = {
     "l1": l1_loss,
     "mse": mse_loss,
     "ssim_l1": ssim_l1_loss,
+    "ssim7_l1": ssim_uniform_l1_loss,
 }
 
 

@@ -48,11 +48,12 @@ def test_ssim7_loss_is_one_minus_the_metric_scikit_image_computes():
     assert abs(float(losses.ssim_loss(pred, target)) - float(losses.get_loss("ssim7")(pred, target))) > 1e-3
 
 
-def test_ssim_l1_is_the_weighted_mix():
+@pytest.mark.parametrize("name, ssim_name", [("ssim_l1", "ssim"), ("ssim7_l1", "ssim7")])
+def test_ssim_l1_is_the_weighted_mix(name, ssim_name):
     pred, target = _pair(3)
     a = losses.SSIM_L1_ALPHA
-    expected = a * losses.ssim_loss(pred, target) + (1 - a) * losses.l1_loss(pred, target)
-    np.testing.assert_allclose(float(losses.ssim_l1_loss(pred, target)), float(expected), atol=1e-6)
+    expected = a * losses.get_loss(ssim_name)(pred, target) + (1 - a) * losses.l1_loss(pred, target)
+    np.testing.assert_allclose(float(losses.get_loss(name)(pred, target)), float(expected), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
