@@ -199,7 +199,7 @@ def line_patch(key, image, max_thickness_frac=1 / 8, centre_frac=0.5, min_opacit
     if square_pen_probability:
         square = jax.random.bernoulli(k_pen, square_pen_probability)
         distance = jnp.where(square, _square_distance(height, width, points), distance)
-    if edge_px_range == (0.0, 0.0):
+    if not any(edge_px_range):  # hard edges
         profile = (distance <= thickness / 2.0).astype(jnp.float32)
     else:
         edge = jax.random.uniform(k_edge, (), jnp.float32, *edge_px_range)
