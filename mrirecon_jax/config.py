@@ -73,6 +73,9 @@ class Config:
     loss: str = _field("ssim", "Training loss.")
     patch_weight: float = _field(0.0, "Extra loss weight of the pixels a patch covers (weight 1 + patch_weight "
                                       "there, 1 elsewhere).")
+    foreground_weight: float = _field(0.0, "Extra loss weight of the head's pixels (the clean slice above a tenth "
+                                           "of its range, dilated 2 px): 1 + foreground_weight there, added to "
+                                           "the patch's.")
     learning_rate: float = _field(1e-4, "Adam learning rate (the peak, with a schedule).")
     lr_schedule: str = _field("constant", "Learning-rate schedule: constant, or cosine decay to zero over the "
                                           "run's planned steps (epochs, or --max_steps).")
@@ -118,7 +121,7 @@ class Config:
         for name, (value, least) in at_least.items():
             if value is not None and value < least:
                 raise UserError(f"--{name} must be at least {least}, got {value}.")
-        for name in ("patch_weight", "warmup_steps", "data_workers"):
+        for name in ("patch_weight", "foreground_weight", "warmup_steps", "data_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
         if self.skull_strip:

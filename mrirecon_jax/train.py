@@ -205,10 +205,10 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     """Jitted (state, clean batch) -> (state, loss), the state donated.
 
     Each step augments the clean batch (cfg.augment), corrupts it (`policy`), normalises the corrupted slices,
-    and scores the model's output, mapped back, against the (augmented) clean slices; with cfg.patch_weight the
-    patched pixels weigh 1 + patch_weight in the loss. An update whose loss or gradient is not finite is not
-    applied: the state counts it (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none),
-    for the loop to read when it next syncs, with no host round trip of its own.
+    and scores the model's output, mapped back, against the (augmented) clean slices; the patched pixels weigh
+    cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more. An update whose loss or
+    gradient is not finite is not applied: the state counts it (``nonfinite``) and keeps the first such step
+    (``first_nonfinite``, -1 if none), for the loop to read when it next syncs, with no host round trip of its own.
     """
     loss_fn = losses.get_loss(cfg.loss)
     augmentations = parse_augmentation(cfg.augment)
@@ -220,7 +220,9 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         if augmentations:
             clean = corruptions.augment_batch(jax.random.fold_in(key, 1), clean, augmentations)
         corrupted, masks, _ = corruptions.corrupt_batch(key, clean, policy)
-        weights = 1.0 + cfg.patch_weight * masks if cfg.patch_weight else None
+        weights = None
+        if cfg.patch_weight or cfg.foreground_weight:
+            weights = 1.0 + cfg.patch_weight * masks + cfg.foreground_weight * losses.foreground_mask(clean)
 
         def objective(params):
             return loss_fn(reconstruct_corrupted(apply, params, corrupted, cfg.nonnegative), clean, weights)

@@ -16,6 +16,7 @@ from mrirecon_jax.config import Config, UserError
     (dict(learning_rate=0.0), "--learning_rate must be positive"),
     (dict(batch_size=0), "--batch_size must be at least 1"),
     (dict(max_train_minutes=0.0), "--max_train_minutes must be positive"),
+    (dict(foreground_weight=-1.0), "--foreground_weight must not be negative"),
 ])
 def test_impossible_settings_are_refused_in_one_sentence(changes, message):
     with pytest.raises(UserError, match=message):

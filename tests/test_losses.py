@@ -69,3 +69,18 @@ def test_weights_ignore_errors_outside_the_mask(name):
 def test_unknown_loss_is_a_user_error():
     with pytest.raises(UserError, match="ssim_l1"):
         losses.get_loss("perceptual")
+
+
+def test_foreground_mask_is_the_head_dilated_and_ignores_the_slices_units():
+    rows, cols = np.mgrid[0:32, 0:32]
+    disc = ((rows - 16) ** 2 + (cols - 16) ** 2 <= 8 ** 2).astype(np.float32)
+    head = 0.8 * disc + 0.02  # dim air around a bright head
+    head[16, 16] = 0.02  # a dark pixel inside (a sulcus): the dilation closes it
+    batch = jnp.asarray(np.stack([head, 500.0 * head])[..., None])  # two units, one head
+    mask = np.asarray(losses.foreground_mask(batch))[..., 0]
+    near = ((rows - 16) ** 2 + (cols - 16) ** 2 <= (8 + losses.FOREGROUND_DILATION) ** 2)
+    far = ((rows - 16) ** 2 + (cols - 16) ** 2 > (8 + 2 * losses.FOREGROUND_DILATION) ** 2)
+    for m in mask:
+        assert set(np.unique(m)) == {0.0, 1.0}
+        assert m[near].all() and not m[far].any()
+    np.testing.assert_array_equal(mask[0], mask[1])
