@@ -220,9 +220,11 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         if augmentations:
             clean = corruptions.augment_batch(jax.random.fold_in(key, 1), clean, augmentations)
         corrupted, masks, _ = corruptions.corrupt_batch(key, clean, policy)
-        weights = None
-        if cfg.patch_weight or cfg.foreground_weight:
-            weights = 1.0 + cfg.patch_weight * masks + cfg.foreground_weight * losses.foreground_mask(clean)
+        weights = None  # the extra weights, only those asked for (no mask is computed for a zero weight)
+        if cfg.patch_weight:
+            weights = 1.0 + cfg.patch_weight * masks
+        if cfg.foreground_weight:
+            weights = (1.0 if weights is None else weights) + cfg.foreground_weight * losses.foreground_mask(clean)
 
         def objective(params):
             return loss_fn(reconstruct_corrupted(apply, params, corrupted, cfg.nonnegative), clean, weights)
