@@ -51,6 +51,19 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
+def test_patch_and_head_weights_each_reach_the_training_loss():
+    """The same first step (same initialisation, batch and draws) scores differently with each extra weight."""
+    batch = jnp.asarray(_brain_like(8))
+    first_losses = {}
+    for patch_weight, foreground_weight in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]:
+        cfg = Config(**SMALL_RUN, patch_weight=patch_weight, foreground_weight=foreground_weight)
+        train_step, _, state, _ = _steps(cfg)
+        _, loss = train_step(state, batch)
+        first_losses[patch_weight, foreground_weight] = float(loss)
+    assert all(np.isfinite(list(first_losses.values())))
+    assert len({round(v, 6) for v in first_losses.values()}) == 4, first_losses
+
+
 def test_evaluation_is_deterministic_and_independent_of_batch_size():
     cfg = Config(**SMALL_RUN)
     _, eval_step, state, mesh = _steps(cfg)
