@@ -34,6 +34,9 @@ class Config:
     slices: Optional[int] = _field(24, "Number of central slices per volume (exclusive with --slab_mm).")
     slab_mm: Optional[float] = _field(None, "Thickness of the central slab in mm, the same anatomy at any voxel "
                                             "size (exclusive with --slices).")
+    val_slab_mm: Optional[float] = _field(None, "Thickness in mm of the central slab that validation, evaluation "
+                                                "and detection measure on held-out subjects (default: the training "
+                                                "slab), so a run can train on more anatomy than it is measured on.")
     image_size: int = _field(64, "Slices are resized to image_size x image_size pixels.")
     val_fraction: float = _field(0.2, "Fraction of subjects held out for validation.")
     max_subjects: Optional[int] = _field(None, "Use at most this many subjects (the thesis's reduced set: 100).")
@@ -76,6 +79,9 @@ class Config:
     foreground_weight: float = _field(0.0, "Extra loss weight of the head's pixels (the clean slice above a tenth "
                                            "of its range, dilated 2 px): 1 + foreground_weight there, added to "
                                            "the patch's.")
+    ema_decay: float = _field(0.0, "Validation, checkpoints and every job that uses the model take an exponential "
+                                   "moving average of the trained parameters with this decay per step (0: the "
+                                   "parameters themselves).")
     learning_rate: float = _field(1e-4, "Adam learning rate (the peak, with a schedule).")
     lr_schedule: str = _field("constant", "Learning-rate schedule: constant, or cosine decay to zero over the "
                                           "run's planned steps (epochs, or --max_steps).")
@@ -108,8 +114,8 @@ class Config:
     def __post_init__(self):
         if (self.slices is None) == (self.slab_mm is None):
             raise UserError("Give exactly one of --slices and --slab_mm.")
-        positive = {"slices": self.slices, "slab_mm": self.slab_mm, "learning_rate": self.learning_rate,
-                    "max_train_minutes": self.max_train_minutes}
+        positive = {"slices": self.slices, "slab_mm": self.slab_mm, "val_slab_mm": self.val_slab_mm,
+                    "learning_rate": self.learning_rate, "max_train_minutes": self.max_train_minutes}
         at_least = {"image_size": (self.image_size, 8), "batch_size": (self.batch_size, 1),
                     "epochs": (self.epochs, 1), "eval_batch_size": (self.eval_batch_size, 1),
                     "keep_checkpoints": (self.keep_checkpoints, 1), "max_steps": (self.max_steps, 1),
@@ -124,6 +130,8 @@ class Config:
         for name in ("patch_weight", "foreground_weight", "warmup_steps", "data_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema_decay must be at least 0 and below 1, got {self.ema_decay}.")
         if self.skull_strip:
             raise UserError("--skull_strip is replaced by --preprocess=brain (N4, registration to the MNI152 "
                             "template and its brain mask); use that instead.")
@@ -138,6 +146,12 @@ class Config:
     def eval_policy(self) -> str:
         """The corruption policy that validation and evaluation measure the run on."""
         return self.val_corruptions or self.corruptions
+
+    def for_validation(self) -> "Config":
+        """The config that prepares held-out subjects: this one with the validation slab, when it has its own."""
+        if self.val_slab_mm is None:
+            return self
+        return self.replace(slices=None, slab_mm=self.val_slab_mm, val_slab_mm=None)
 
     def replace(self, **changes) -> "Config":
         """A copy with some fields changed (checked again)."""

@@ -403,12 +403,12 @@ class SyntheticCases:
 
 
 def synthetic_cases(cfg: Config, subjects, seed: int) -> SyntheticCases:
-    """Prepare each (subject, reader) as `cfg` trains (with a computed brain mask; an unusable file is skipped with
-    a warning) and insert the anomalies, each slice with its own key (seed, kind, slice index)."""
+    """Prepare each (subject, reader) as `cfg` validates (with a computed brain mask; an unusable file is skipped
+    with a warning) and insert the anomalies, each slice with its own key (seed, kind, slice index)."""
     clean, brain, owner, kept = [], [], [], []
     for subject, read in subjects:
         try:
-            prepared = prepare_volume(*read(), cfg, with_brain=True, name=read.name)
+            prepared = prepare_volume(*read(), cfg.for_validation(), with_brain=True, name=read.name)
         except volumes.BadVolume as bad:
             logging.warning("Skipping a file: %s", bad)
             continue
@@ -472,13 +472,14 @@ def detect_eval(workdir, data_dir: Optional[str] = None, *, checkpoint: str = "b
     seed = cfg.seed if seed is None else seed
     readers, _, _ = dataset_lib.volume_readers(data_dir or cfg.data_dir)
     cases = synthetic_cases(cfg, _evaluation_subjects(work, readers, max_subjects), seed)
+    measured = cfg.for_validation()
     scores, figure_maps = {}, None
     for score in (s for s in settings.names if s != COMBINED):
         scores[score], maps = score_cases(predictor, cases, score, settings.residual, settings.median_px)
         figure_maps = figure_maps or maps
     results = {"model": predictor.source, **settings.record(), "subjects": cases.subjects,
                "slices_per_kind": int(len(cases.clean)), "seed": seed, "image_size": cfg.image_size,
-               "plane": cfg.plane, "slab": {"slices": cfg.slices, "slab_mm": cfg.slab_mm},
+               "plane": cfg.plane, "slab": {"slices": measured.slices, "slab_mm": measured.slab_mm},
                "preprocess": cfg.preprocess, "brain_mask": "computed (data.brain.brain_mask)",
                "scores_over": "brain-mask pixels, pooled", "scores": scores}
     work.write_detection(results)
@@ -566,14 +567,14 @@ def _combined(maps: dict, thresholds: dict, parts) -> np.ndarray:
 
 def healthy_volumes(cfg: Config, max_subjects: Optional[int] = None):
     """(volume, prepared) for each file of the run's healthy validation subjects (at most `max_subjects` files),
-    prepared as training prepared them (with --preprocess=brain, registered in parallel when not yet cached)."""
+    prepared as validation prepared them (with --preprocess=brain, registered in parallel when not yet cached)."""
     val_subjects = set(dataset_lib.load_dataset(cfg).val_subjects)
     readers, _, _ = dataset_lib.volume_readers(cfg.data_dir)
     reads = [read for subject, read in readers if subject in val_subjects][:max_subjects]
     dataset_lib.align_in_parallel(cfg, reads)
     for read in reads:
         volume, zooms = read()
-        yield volume, prepare_volume(volume, zooms, cfg, with_brain=True, name=read.name)
+        yield volume, prepare_volume(volume, zooms, cfg.for_validation(), with_brain=True, name=read.name)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

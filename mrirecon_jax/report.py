@@ -67,6 +67,7 @@ def thesis_row_for(cfg: Config) -> Optional[ThesisRow]:
     """The thesis's row for the same image size, plane, corruptions, slab and number of subjects, if any."""
     data = THESIS_POLICIES.get(_canonical_policy(cfg.eval_policy))
     subjects = 100 if cfg.max_subjects == 100 else 581
+    cfg = cfg.for_validation()  # the slab the run is measured on
     for row in THESIS_ROWS:
         same_slab = (cfg.slices == row.slices if cfg.slab_mm is None
                      else abs(cfg.slab_mm - THESIS_SLAB_MM[row.slices]) <= 3.0)
@@ -125,7 +126,8 @@ def _main_rows(run: _Run) -> list[str]:
     """Table 5.1 rows of one run: model (standard, thesis-compatible), baselines, the thesis's row."""
     own = run.evaluation["kinds"][RUN_POLICY]
     per_volume = run.evaluation["n_slices"] / max(run.evaluation["n_subjects"], 1)
-    slices = f"{per_volume:g}" + (f" ({run.cfg.slab_mm:g} mm)" if run.cfg.slab_mm else "")
+    measured = run.cfg.for_validation()
+    slices = f"{per_volume:g}" + (f" ({measured.slab_mm:g} mm)" if measured.slab_mm else "")
     data = (f"{THESIS_POLICIES.get(own['policy'], own['policy'])}; {run.evaluation['n_subjects']} subjects, "
             f"{run.evaluation['n_slices']} slices ({run.evaluation['subjects']})")
     thesis = thesis_row_for(run.cfg)

@@ -38,7 +38,7 @@ from mrirecon_jax.data import dataset as dataset_lib
 from mrirecon_jax.data import stream
 from mrirecon_jax.data.normalise import denormalise, normalise_input
 from mrirecon_jax.models import unet
-from mrirecon_jax.workdir import Workdir
+from mrirecon_jax.workdir import TRAINING_TREES, Workdir
 
 TRAIN_KEY, EVAL_KEY, INIT_KEY = 0, 1, 2  # fold_in tags that separate the uses of the run's seed
 COLLAPSE_STD = 1e-3  # validation outputs with a smaller standard deviation are a collapsed (constant) model
@@ -172,12 +172,19 @@ def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformatio
 
 
 def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, total_steps: int = 1000):
-    """(graphdef, tx, state) with the state (params, optimizer state, step) replicated over the mesh; the
-    learning-rate schedule ends at `total_steps`."""
+    """(graphdef, tx, state) with the state (params, optimizer state, with --ema_decay the parameters' moving
+    average, step) replicated over the mesh; the learning-rate schedule ends at `total_steps`."""
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
     tx = make_optimizer(cfg, total_steps)
     state = {"params": params, "opt_state": tx.init(params), **counters(0)}
+    if cfg.ema_decay:
+        state["ema"] = jax.tree.map(jnp.copy, params)
     return graphdef, tx, jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def inference_params(state: dict):
+    """The parameters that validation and checkpoints' users apply: the moving average when the run keeps one."""
+    return state.get("ema", state["params"])
 
 
 def counters(step: int, nonfinite: int = 0) -> dict:
@@ -206,9 +213,10 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
     Each step augments the clean batch (cfg.augment), corrupts it (`policy`), normalises the corrupted slices,
     and scores the model's output, mapped back, against the (augmented) clean slices; the patched pixels weigh
-    cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more. An update whose loss or
-    gradient is not finite is not applied: the state counts it (``nonfinite``) and keeps the first such step
-    (``first_nonfinite``, -1 if none), for the loop to read when it next syncs, with no host round trip of its own.
+    cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more; with cfg.ema_decay the moving
+    average of the parameters follows each update. An update whose loss or gradient is not finite is not applied:
+    the state counts it (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none), for the
+    loop to read when it next syncs, with no host round trip of its own.
     """
     loss_fn = losses.get_loss(cfg.loss)
     augmentations = parse_augmentation(cfg.augment)
@@ -235,9 +243,13 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         finite = jnp.stack([jnp.isfinite(loss)] + [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]).all()
         keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         first = jnp.where(~finite & (state["first_nonfinite"] < 0), state["step"], state["first_nonfinite"])
-        return {"params": keep_if_finite(params, state["params"]),
-                "opt_state": keep_if_finite(opt_state, state["opt_state"]), "step": state["step"] + 1,
-                "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32), "first_nonfinite": first}, loss
+        new = {"params": keep_if_finite(params, state["params"]),
+               "opt_state": keep_if_finite(opt_state, state["opt_state"]), "step": state["step"] + 1,
+               "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32), "first_nonfinite": first}
+        if "ema" in state:  # debiased: the average of the updates so far, the initialisation weighing nothing
+            weight = (1.0 - cfg.ema_decay) / (1.0 - cfg.ema_decay ** (state["step"] + 1).astype(jnp.float32))
+            new["ema"] = optax.incremental_update(new["params"], state["ema"], weight)
+        return new, loss
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -404,6 +416,11 @@ def train_and_evaluate(cfg: Config, workdir, allow_config_change: bool = False) 
         return _train(cfg, work, dataset, policy, val_policy, mesh, allow_config_change, writer)
 
 
+def _trees(state: dict) -> dict:
+    """The arrays of the train state that a checkpoint holds (workdir.TRAINING_TREES); the counters are not."""
+    return {name: tree for name, tree in state.items() if name in TRAINING_TREES}
+
+
 def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_config_change: bool,
            writer: bool) -> dict:
     """The loop of train_and_evaluate, on a locked workdir and a loaded dataset (this process's share)."""
@@ -433,10 +450,9 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     replicated = NamedSharding(mesh, P())
     if manager.latest_step() is not None:
         step = manager.latest_step()
-        params, opt_state, restored = work.restore_training(manager, step, state["params"], state["opt_state"])
+        trees, restored = work.restore_training(manager, step, _trees(state))
         meta.update(restored)
-        state = {"params": params, "opt_state": opt_state,
-                 **jax.device_put(counters(step, meta["nonfinite_updates"]), replicated)}
+        state = {**trees, **jax.device_put(counters(step, meta["nonfinite_updates"]), replicated)}
         logging.info("Resumed from step %d in %s.", step, work)
     step = int(state["step"])
     if writer:
@@ -463,8 +479,8 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     def validate(epoch: float, train_losses: list, log: bool = True, stopped_by=None) -> tuple[dict, dict]:
         """Validate; with `stopped_by` (planned_end, time_budget or signal) the record is the run's last, and
         `complete` says whether it reached its planned end or its time budget."""
-        summary, samples = evaluate_slices(eval_step, state["params"], dataset.val, cfg.eval_batch_size, mesh,
-                                           val_policy.kinds)
+        summary, samples = evaluate_slices(eval_step, inference_params(state), dataset.val, cfg.eval_batch_size,
+                                           mesh, val_policy.kinds)
         pause_point("validation", step)
         record = {"step": step, "epoch": round(epoch, 4), "wall_time_s": round(meta["train_time_s"], 3),
                   "train_loss": _mean_finite(train_losses), **summary, "device": device,
@@ -484,7 +500,7 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
 
     def checkpoint(summary=None):
         meta["interval_losses"] = [float(x) for x in train_losses]
-        work.save_checkpoint(manager, step, state["params"], state["opt_state"], meta, summary)
+        work.save_checkpoint(manager, step, _trees(state), meta, summary)
 
     record, samples = None, None
     train_losses: list = list(meta["interval_losses"])

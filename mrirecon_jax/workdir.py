@@ -1,6 +1,6 @@
 """The layout and I/O of a run directory; only this module knows its file names.
 
-    WORKDIR/config.json     the run's Config            WORKDIR/checkpoints/   orbax: params, opt_state, meta
+    WORKDIR/config.json     the run's Config            WORKDIR/checkpoints/   orbax: params, opt_state, meta (+ ema)
     WORKDIR/split.json      data source and subjects    WORKDIR/eval/          the evaluate job's metrics and figures
     WORKDIR/metrics.jsonl   one record per validation   WORKDIR/detect/        the detect_eval job's metrics and figures
     WORKDIR/samples.png     validation samples          WORKDIR/events.out.tfevents.*   TensorBoard (tensorboardX)
@@ -44,6 +44,7 @@ LESIONS_JSON = "lesions.json"  # inside detect/: scores on real lesion cases
 RUN_POLICY = "run_policy"  # the key of eval/metrics.json's "kinds" under which the run's own policy is evaluated
 BEST_METRIC = "ssim_slice"  # the validation metric that picks the best checkpoint (higher is better)
 CHECKPOINTS = ("best", "last")  # besides a step number
+TRAINING_TREES = ("params", "opt_state", "ema")  # a checkpoint's array items (ema only with --ema_decay)
 
 
 def finite(tree):
@@ -267,7 +268,7 @@ class Workdir:
 
     def checkpoint_manager(self, keep: int = 3) -> ocp.CheckpointManager:
         """Orbax manager of WORKDIR/checkpoints keeping the last `keep` checkpoints and the best by BEST_METRIC;
-        each checkpoint holds the items params, opt_state and meta (JSON)."""
+        each checkpoint holds the items params, opt_state, meta (JSON) and, in a run with --ema_decay, ema."""
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
@@ -275,21 +276,22 @@ class Workdir:
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC],
                                                best_mode="max", create=True, cleanup_tmp_directories=True)
-        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+        handlers = {**{name: ocp.StandardCheckpointHandler() for name in TRAINING_TREES},
                     "meta": ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager((self.path / CHECKPOINT_DIR).absolute(), options=options,
                                      item_handlers=handlers)
 
     @staticmethod
-    def save_checkpoint(manager: ocp.CheckpointManager, step: int, params, opt_state, meta: dict,
+    def save_checkpoint(manager: ocp.CheckpointManager, step: int, trees: dict, meta: dict,
                         metrics: Optional[dict] = None) -> None:
-        """Save the training state at `step` (with validation metrics it is a candidate for 'best'). A save that
-        fails (a full disk, say) is a UserError naming the last complete checkpoint, which is kept."""
+        """Save the training state at `step`: `trees` holds params, opt_state and, with --ema_decay, ema (with
+        validation metrics it is a candidate for 'best'). A save that fails (a full disk, say) is a UserError
+        naming the last complete checkpoint, which is kept."""
         if step in manager.all_steps():
             return
         try:
-            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                       opt_state=ocp.args.StandardSave(opt_state),
+            manager.save(step, args=ocp.args.Composite(**{name: ocp.args.StandardSave(tree)
+                                                          for name, tree in trees.items()},
                                                        meta=ocp.args.JsonSave(meta)),
                          metrics=None if metrics is None else {BEST_METRIC: metrics[BEST_METRIC]})
             manager.wait_until_finished()
@@ -302,18 +304,19 @@ class Workdir:
                             f"{kept}.{hint} Rerun the same command to resume.") from None
 
     @staticmethod
-    def restore_training(manager: ocp.CheckpointManager, step: int, params, opt_state):
-        """(params, opt_state, meta) at `step`, onto the shapes, dtypes and shardings of the given trees."""
-        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    def restore_training(manager: ocp.CheckpointManager, step: int, trees: dict) -> tuple[dict, dict]:
+        """(trees, meta) at `step`: the items named in `trees`, onto the shapes, dtypes and shardings of theirs."""
         restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(params)), opt_state=ocp.args.StandardRestore(abstract(opt_state)),
-            meta=ocp.args.JsonRestore()))
-        return restored["params"], restored["opt_state"], dict(restored["meta"])
+            **{name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+               for name, tree in trees.items()}, meta=ocp.args.JsonRestore()))
+        return {name: restored[name] for name in trees}, dict(restored["meta"])
 
     def restore_params(self, checkpoint: str, abstract_params):
-        """(params, step) of checkpoint `best` (by validation SSIM), `last` or a step number: the params item
-        alone (no optimizer state is read), onto `abstract_params` (jax.ShapeDtypeStruct leaves)."""
+        """(params, step) of checkpoint `best` (by validation SSIM), `last` or a step number: the parameters that
+        inference uses alone (the ema item in a run with --ema_decay, else params; no optimizer state is read),
+        onto `abstract_params` (jax.ShapeDtypeStruct leaves)."""
         cfg = self.read_config()
+        item = "ema" if cfg.ema_decay else "params"
         manager = self.checkpoint_manager(cfg.keep_checkpoints)
         try:
             available = manager.all_steps()
@@ -329,10 +332,10 @@ class Workdir:
                 raise UserError(f"--checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)} or a saved step "
                                 f"({', '.join(map(str, sorted(available)))}).")
             restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params)))
+                **{item: ocp.args.StandardRestore(abstract_params)}))
         finally:
             manager.close()
-        return restored["params"], int(step)
+        return restored[item], int(step)
 
     # ------------------------------------------------------------------------------------- job outputs
 

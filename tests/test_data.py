@@ -298,6 +298,22 @@ def test_load_dataset_cache_invalidation_and_errors(tmp_path):
     assert len(slab.train) + len(slab.val) == 4 * 4
 
 
+def test_validation_slab_shapes_only_the_validation_slices(tmp_path):
+    """--val_slab_mm: training slices of the training slab, validation slices of the central validation slab (the
+    same as a run trained on that slab), cached apart from the run without one; unseen subjects as validation."""
+    root = synthetic_data_dir(tmp_path / "vols", [f"s{i}.nii.gz" for i in range(5)])
+    cfg = small_config(root, tmp_path / "cache")
+    wide = dataset.load_dataset(cfg.replace(val_slab_mm=4.0))  # 4 mm at 2 mm voxels: 2 slices
+    plain = dataset.load_dataset(cfg)
+    narrow = dataset.load_dataset(cfg.replace(slices=2))
+    assert not wide.cache_hit and wide.cache_path != plain.cache_path
+    assert (len(wide.train), len(wide.val)) == (4 * 4, 1 * 2)
+    np.testing.assert_array_equal(wide.train, plain.train)
+    np.testing.assert_array_equal(wide.val, narrow.val)
+    unseen = dataset.load_unseen_subjects(cfg.replace(val_slab_mm=4.0), root)
+    assert len(unseen.val) == 5 * 2
+
+
 def test_load_dataset_without_a_writable_cache(tmp_path):
     root = synthetic_data_dir(tmp_path / "vols", [f"s{i}.nii.gz" for i in range(3)])
     not_a_dir = tmp_path / "file"

@@ -96,6 +96,8 @@ def test_thesis_row_of_each_thesis_experiment(experiment, table, data, slices):
                                                                             cfg.plane)
     assert report.thesis_row_for(cfg.replace(slab_mm=20.0)) is None
     assert report.thesis_row_for(cfg.replace(corruptions="patch+gibbs")) is None
+    if cfg.slab_mm is not None:  # measured on the thesis's slab, trained on another: still the thesis's row
+        assert report.thesis_row_for(cfg.replace(slab_mm=20.0, val_slab_mm=cfg.slab_mm)) == row
 
 
 def test_thesis_epoch_sizes_follow_its_protocol():

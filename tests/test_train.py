@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from mrirecon_jax import summaries, train
 from mrirecon_jax.config import Config, UserError
+from mrirecon_jax.data import dataset as dataset_lib
 from mrirecon_jax.workdir import Workdir
 
 SMALL_RUN = dict(model="tiny", image_size=32, slices=4, slab_mm=None, batch_size=8, epochs=3,
@@ -141,6 +142,38 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
     split = json.loads((tmp_path / "interrupted" / "split.json").read_text())
     assert not set(split["train_subjects"]) & set(split["val_subjects"])
     assert split["source"].startswith("DEMO")
+
+
+def test_parameter_average_follows_each_update_and_is_what_validation_and_checkpoints_serve(tmp_path):
+    """--ema_decay: the step moves the average towards the new parameters; a resumed run continues it exactly;
+    validation measures it and restore_model (every job that uses a model) reads it."""
+    cfg = Config(**SMALL_RUN, ema_decay=0.75)
+    train_step, _, state, _ = _steps(cfg)
+    batch = jnp.asarray(_brain_like(8))
+    leaves = lambda name: jax.tree.leaves(jax.tree.map(np.asarray, state[name]))  # noqa: E731
+    state, _ = train_step(state, batch)
+    first = leaves("params")
+    for after, mean in zip(first, leaves("ema")):  # debiased: the initialisation weighs nothing
+        np.testing.assert_allclose(mean, after, rtol=1e-6)
+    state, _ = train_step(state, batch)
+    # The debiased average of two updates: weights 0.75 / 1.75 and 1 / 1.75.
+    for before, after, mean in zip(first, leaves("params"), leaves("ema")):
+        np.testing.assert_allclose(mean, (0.75 * before + after) / 1.75, rtol=1e-5, atol=1e-7)
+    assert not all(np.allclose(mean, after) for mean, after in zip(leaves("ema"), leaves("params")))
+
+    _run(tmp_path, "averaged", ema_decay=0.9, max_steps=3, checkpoint_every_steps=2)
+    resumed = _run(tmp_path, "averaged", ema_decay=0.9, max_steps=6)
+    straight = _run(tmp_path, "straight", ema_decay=0.9, max_steps=6)
+    assert resumed["ssim_slice"] == pytest.approx(straight["ssim_slice"], rel=1e-6)
+    model = train.restore_model(tmp_path / "averaged", "last")
+    run_cfg = model.cfg
+    val = dataset_lib.load_dataset(run_cfg).val
+    eval_step = train.make_eval_step(model.graphdef, train.parse_policy(run_cfg.corruptions), run_cfg.seed,
+                                     run_cfg.nonnegative)
+    summary, _ = train.evaluate_slices(eval_step, model.params, val, 16, train.make_mesh())
+    assert model.step == 6 and summary["ssim_slice"] == pytest.approx(resumed["ssim_slice"], rel=1e-6)
+    plain = _run(tmp_path, "plain", max_steps=6)
+    assert plain["ssim_slice"] != pytest.approx(straight["ssim_slice"], rel=1e-4)
 
 
 def test_time_budget_stops_with_a_final_validation_and_checkpoint(tmp_path):

@@ -31,7 +31,7 @@ from mrirecon_jax.data.prepare import prepare_volume
 # Bump whenever the arrays produced for the same inputs change, so stale caches are not read.
 CACHE_FORMAT_VERSION = 3
 # The settings that shape the slices of one volume (the split settings join them for a split dataset).
-SLICE_SETTINGS = ("plane", "slices", "slab_mm", "image_size", "skull_strip", "preprocess")
+SLICE_SETTINGS = ("plane", "slices", "slab_mm", "val_slab_mm", "image_size", "skull_strip", "preprocess")
 SPLIT_SETTINGS = ("val_fraction", "max_subjects", "seed")
 
 
@@ -283,15 +283,18 @@ def load_dataset(cfg: Config, share: tuple[int, int] = (0, 1), cache: Optional[C
     `share` = (process index, process count): the training subjects are those of that process's share
     (``distributed.process_share``), the validation subjects all of them. `cache(cfg, key, build)` reads or builds
     the dataset of a key (default: the .npz cache; ``data.stream.streamed`` keeps the training slices on disk).
-    The split is made over every subject found; a subject without a usable file drops out of its side.
+    The split is made over every subject found; a subject without a usable file drops out of its side. Validation
+    slices are those of ``cfg.for_validation()`` (the validation slab, when the run has one).
     """
     readers, inputs, source = volume_readers(cfg.data_dir)
 
     def build():
         train_ids, val_ids = split_subjects([s for s, _ in readers], cfg.val_fraction, cfg.seed, cfg.max_subjects)
         train_ids = distributed.process_share(train_ids, *share)
-        prepared, skipped, repaired = _prepare_subjects(cfg, readers, train_ids + val_ids)
-        return _assemble(cfg, prepared, train_ids, val_ids, source, skipped, repaired)
+        prepared, skipped, repaired = _prepare_subjects(cfg, readers, train_ids)
+        held_out, val_skipped, val_repaired = _prepare_subjects(cfg.for_validation(), readers, val_ids)
+        return _assemble(cfg, {**prepared, **held_out}, train_ids, val_ids, source, skipped + val_skipped,
+                         repaired + val_repaired)
 
     key = {"inputs": inputs, **{name: getattr(cfg, name) for name in SPLIT_SETTINGS}}
     if share[1] > 1:
@@ -301,9 +304,9 @@ def load_dataset(cfg: Config, share: tuple[int, int] = (0, 1), cache: Optional[C
 
 def load_unseen_subjects(cfg: Config, data_dir) -> Dataset:
     """Every subject in `data_dir` with a usable file as validation slices (no split, `train` empty), prepared
-    exactly as `cfg` prepares its own data; cached like :func:`load_dataset`."""
+    exactly as `cfg` prepares its own validation slices; cached like :func:`load_dataset`."""
     readers, inputs, source = volume_readers(str(data_dir))
-    cfg = cfg.replace(data_dir=str(data_dir))
+    cfg = cfg.for_validation().replace(data_dir=str(data_dir))
 
     def build():
         subjects = sorted({s for s, _ in readers})
