@@ -451,6 +451,8 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     if manager.latest_step() is not None:
         step = manager.latest_step()
         trees, restored = work.restore_training(manager, step, _trees(state))
+        if "ema" in state and "ema" not in trees:  # --ema_decay turned on since: the average starts here
+            trees["ema"] = jax.tree.map(jnp.copy, trees["params"])
         meta.update(restored)
         state = {**trees, **jax.device_put(counters(step, meta["nonfinite_updates"]), replicated)}
         logging.info("Resumed from step %d in %s.", step, work)

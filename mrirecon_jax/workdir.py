@@ -305,11 +305,13 @@ class Workdir:
 
     @staticmethod
     def restore_training(manager: ocp.CheckpointManager, step: int, trees: dict) -> tuple[dict, dict]:
-        """(trees, meta) at `step`: the items named in `trees`, onto the shapes, dtypes and shardings of theirs."""
+        """(trees, meta) at `step`: those of the items named in `trees` that the checkpoint holds (a run may have
+        turned --ema_decay on since), onto the shapes, dtypes and shardings of theirs."""
+        held = [name for name in trees if (Path(manager.directory) / str(step) / name).is_dir()]
         restored = manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
-               for name, tree in trees.items()}, meta=ocp.args.JsonRestore()))
-        return {name: restored[name] for name in trees}, dict(restored["meta"])
+            **{name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, trees[name]))
+               for name in held}, meta=ocp.args.JsonRestore()))
+        return {name: restored[name] for name in held}, dict(restored["meta"])
 
     def restore_params(self, checkpoint: str, abstract_params):
         """(params, step) of checkpoint `best` (by validation SSIM), `last` or a step number: the parameters that

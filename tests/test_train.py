@@ -174,6 +174,10 @@ def test_parameter_average_follows_each_update_and_is_what_validation_and_checkp
     assert model.step == 6 and summary["ssim_slice"] == pytest.approx(resumed["ssim_slice"], rel=1e-6)
     plain = _run(tmp_path, "plain", max_steps=6)
     assert plain["ssim_slice"] != pytest.approx(straight["ssim_slice"], rel=1e-4)
+    # Turned on for a run trained without it (an explicit config change): the average starts at the resume.
+    late = Config(**{**SMALL_RUN, "cache_dir": str(tmp_path / "cache"), "ema_decay": 0.9, "max_steps": 8})
+    assert train.train_and_evaluate(late, tmp_path / "plain", allow_config_change=True)["step"] == 8
+    assert train.restore_model(tmp_path / "plain", "last").step == 8
 
 
 def test_time_budget_stops_with_a_final_validation_and_checkpoint(tmp_path):
