@@ -307,7 +307,7 @@ class Workdir:
     def restore_training(manager: ocp.CheckpointManager, step: int, trees: dict) -> tuple[dict, dict]:
         """(trees, meta) at `step`: those of the items named in `trees` that the checkpoint holds (a run may have
         turned --ema_decay on since), onto the shapes, dtypes and shardings of theirs."""
-        held = [name for name in trees if (Path(manager.directory) / str(step) / name).is_dir()]
+        held = [name for name in trees if name in manager.item_metadata(step).keys()]
         restored = manager.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, trees[name]))
                for name in held}, meta=ocp.args.JsonRestore()))
