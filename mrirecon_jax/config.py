@@ -82,6 +82,9 @@ class Config:
     ema_decay: float = _field(0.0, "Validation, checkpoints and every job that uses the model take an exponential "
                                    "moving average of the trained parameters with this decay per step (0: the "
                                    "parameters themselves).")
+    train_crop: Optional[int] = _field(None, "Train on a random train_crop x train_crop window of each corrupted "
+                                             "slice (normalised as a whole) and of its target, for a cheaper step; "
+                                             "validation and every job see whole slices (None: whole slices).")
     learning_rate: float = _field(1e-4, "Adam learning rate (the peak, with a schedule).")
     lr_schedule: str = _field("constant", "Learning-rate schedule: constant, or cosine decay to zero over the "
                                           "run's planned steps (epochs, or --max_steps).")
@@ -130,6 +133,9 @@ class Config:
         for name in ("patch_weight", "foreground_weight", "warmup_steps", "data_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
+        if self.train_crop is not None and not 8 <= self.train_crop <= self.image_size:
+            raise UserError(f"--train_crop must be at least 8 and at most --image_size={self.image_size}, "
+                            f"got {self.train_crop}.")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema_decay must be at least 0 and below 1, got {self.ema_decay}.")
         if self.skull_strip:

@@ -844,6 +844,21 @@ def augment_batch(key, images, names: tuple[str, ...]):
 
     return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
 
+
+__all__ += ["random_window"]
+
+
+def random_window(key, images, size: int):
+    """A size x size window of each slice of an NHWC batch, at a position uniform over those inside the slice and
+    drawn from `key` alone: the same key crops a corrupted batch, its target and its weights alike."""
+    n, height, width, channels = images.shape
+    row_key, col_key = jax.random.split(key)
+    rows = jax.random.randint(row_key, (n,), 0, height - size + 1)
+    cols = jax.random.randint(col_key, (n,), 0, width - size + 1)
+    return jax.vmap(lambda image, r, c: jax.lax.dynamic_slice(image, (r, c, 0), (size, size, channels)))(
+        images, rows, cols)
+
+
 # ---- synthetic anomalies (lesion generator; issue 6) ----
 
 __all__ += ["lesion_blob"]

@@ -20,7 +20,7 @@ import platform
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,9 @@ THESIS_SUMMARY = ("thesis_ssim_slice", "thesis_ssim_patch")  # the thesis's own 
 def build_model(cfg: Config) -> unet.UNet:
     """The U-Net that `cfg` describes, initialised from the run's seed."""
     spec = unet.checked_spec(cfg.model, cfg.output_activation, cfg.norm, cfg.image_size, cfg.dtype, cfg.conv_impl)
+    if cfg.train_crop and cfg.train_crop % unet.min_image_size(spec):
+        raise UserError(f"--train_crop={cfg.train_crop} must be a multiple of {unet.min_image_size(spec)} for the "
+                        f"{cfg.model!r} U-Net.")
     key = jax.random.fold_in(jax.random.key(cfg.seed), INIT_KEY)
     return unet.UNet(spec, dtype=unet.DTYPES[cfg.dtype], conv_impl=cfg.conv_impl, rngs=nnx.Rngs(params=key))
 
@@ -193,9 +196,13 @@ def counters(step: int, nonfinite: int = 0) -> dict:
             "first_nonfinite": jnp.asarray(-1, jnp.int32)}
 
 
-def reconstruct_corrupted(apply: Callable, params, corrupted, nonnegative: bool):
-    """The model's reconstruction of corrupted slices in their own units: normalised, applied, mapped back."""
+def reconstruct_corrupted(apply: Callable, params, corrupted, nonnegative: bool,
+                          window: Optional[Callable] = None):
+    """The model's reconstruction of corrupted slices in their own units: normalised, applied, mapped back; with
+    `window` (a crop) of that part of each slice, normalised as the whole slice is."""
     x, offset, scale = normalise_input(corrupted)
+    if window is not None:
+        x = window(x)
     return denormalise(apply(params, x), offset, scale, nonnegative)
 
 
@@ -213,8 +220,9 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
     Each step augments the clean batch (cfg.augment), corrupts it (`policy`), normalises the corrupted slices,
     and scores the model's output, mapped back, against the (augmented) clean slices; the patched pixels weigh
-    cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more; with cfg.ema_decay the moving
-    average of the parameters follows each update. An update whose loss or gradient is not finite is not applied:
+    cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more; with cfg.train_crop the model
+    and the loss see one random window of each slice; with cfg.ema_decay the moving average of the parameters
+    follows each update. An update whose loss or gradient is not finite is not applied:
     the state counts it (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none), for the
     loop to read when it next syncs, with no host round trip of its own.
     """
@@ -233,9 +241,14 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             weights = 1.0 + cfg.patch_weight * masks
         if cfg.foreground_weight:
             weights = (1.0 if weights is None else weights) + cfg.foreground_weight * losses.foreground_mask(clean)
+        window = None
+        if cfg.train_crop:  # one window per slice, the same for its input, target and weights
+            window = functools.partial(corruptions.random_window, jax.random.fold_in(key, 2), size=cfg.train_crop)
+            clean = window(clean)
+            weights = None if weights is None else window(weights)
 
         def objective(params):
-            return loss_fn(reconstruct_corrupted(apply, params, corrupted, cfg.nonnegative), clean, weights)
+            return loss_fn(reconstruct_corrupted(apply, params, corrupted, cfg.nonnegative, window), clean, weights)
 
         loss, grads = jax.value_and_grad(objective)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -405,7 +418,8 @@ def train_and_evaluate(cfg: Config, workdir, allow_config_change: bool = False) 
     mesh = make_mesh()
     check_batch(cfg.batch_size, mesh)
     # Check every name before the data is read: model, schedule, augmentation, loss, loader.
-    build_model(cfg), learning_rate_schedule(cfg, 1), parse_augmentation(cfg.augment), losses.get_loss(cfg.loss)
+    build_model(cfg), learning_rate_schedule(cfg, 1), parse_augmentation(cfg.augment)
+    losses.checked_loss(cfg.loss, cfg.train_crop or cfg.image_size)
     stream.check_loader(cfg.data_loader)
     work.check_resumable(cfg, allow_config_change)
     writer = distributed.is_writer()

@@ -642,3 +642,20 @@ def test_augmentations_keep_the_clean_frame_and_are_the_identity_at_zero_strengt
     assert len({o.tobytes() for o in out}) == 6  # each slice its own draw
     with pytest.raises(ValueError, match="augmentation"):
         C.parse_augmentation("geometry+blur")
+
+
+def test_random_window_is_a_crop_drawn_from_the_key_alone():
+    images = jnp.arange(6 * 16 * 12 * 2, dtype=jnp.float32).reshape(6, 16, 12, 2)
+    crops = np.asarray(C.random_window(KEY, images, 8))
+    assert crops.shape == (6, 8, 8, 2)
+    positions = []
+    for image, crop in zip(np.asarray(images), crops):  # each crop is the slice's own pixels at one position
+        matches = [(r, c) for r in range(16 - 8 + 1) for c in range(12 - 8 + 1)
+                   if np.array_equal(image[r:r + 8, c:c + 8], crop)]
+        assert len(matches) == 1
+        positions.append(matches[0])
+    assert len(set(positions)) > 1  # each slice its own window
+    # Another batch of the same shape, cropped with the same key, is cut at the same places.
+    np.testing.assert_array_equal(np.asarray(C.random_window(KEY, -images, 8)), -crops)
+    assert not np.array_equal(np.asarray(C.random_window(jax.random.key(1), images, 8)), crops)
+    np.testing.assert_array_equal(np.asarray(C.random_window(KEY, images[:, :12], 12)), np.asarray(images[:, :12]))

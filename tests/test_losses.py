@@ -58,12 +58,51 @@ def test_ssim_l1_is_the_weighted_mix(name, ssim_name):
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_weights_ignore_errors_outside_the_mask(name):
-    pred, target = _pair(4, (1, 48, 48, 1))
-    weights = jnp.zeros_like(target).at[:, 8:40, 8:40].set(1.0)
+    pred, target = _pair(4, (1, 64, 64, 1))
+    # Wide enough a margin for the coarsest scale of ms_ssim7, whose 7 px window spans 28 px here.
+    weights = jnp.zeros_like(target).at[:, 24:40, 24:40].set(1.0)
     far_off = pred.at[:, :2, :].set(1.0 - pred[:, :2, :])  # changes only rows far outside the mask
     loss = losses.get_loss(name)
     np.testing.assert_allclose(float(loss(pred, target, weights)), float(loss(far_off, target, weights)), rtol=1e-6)
     assert float(loss(pred, target)) != pytest.approx(float(loss(far_off, target)))
+
+
+def _reference_ms_ssim(pred, target):
+    """MS-SSIM written out with scipy's box filter and numpy (population statistics, the loss's clipping aside)."""
+    from scipy.ndimage import uniform_filter
+
+    def box(z):
+        return uniform_filter(z, size=losses.UNIFORM_WINDOW, mode="constant")[3:-3, 3:-3]
+
+    exponents = np.asarray(losses.MS_SSIM_WEIGHTS) / sum(losses.MS_SSIM_WEIGHTS)
+    scores = []
+    for p, t in zip(np.asarray(pred, np.float64)[..., 0], np.asarray(target, np.float64)[..., 0]):
+        score = 1.0
+        for scale, exponent in enumerate(exponents):
+            mu_p, mu_t = box(p), box(t)
+            var_p, var_t, cov = box(p * p) - mu_p ** 2, box(t * t) - mu_t ** 2, box(p * t) - mu_p * mu_t
+            cs = (2 * cov + 0.03 ** 2) / (var_p + var_t + 0.03 ** 2)
+            lum = (2 * mu_p * mu_t + 0.01 ** 2) / (mu_p ** 2 + mu_t ** 2 + 0.01 ** 2)
+            score *= np.mean(cs * lum if scale == len(exponents) - 1 else cs) ** exponent
+            p = p.reshape(p.shape[0] // 2, 2, p.shape[1] // 2, 2).mean(axis=(1, 3))
+            t = t.reshape(t.shape[0] // 2, 2, t.shape[1] // 2, 2).mean(axis=(1, 3))
+        scores.append(score)
+    return 1.0 - np.mean(scores)
+
+
+def test_ms_ssim_loss_matches_the_multi_scale_definition():
+    pred, target = _pair(6, (2, 64, 64, 1))
+    np.testing.assert_allclose(float(losses.get_loss("ms_ssim7")(pred, target)), _reference_ms_ssim(pred, target),
+                               atol=1e-5)
+    # Not the single-scale loss under another name.
+    assert abs(float(losses.get_loss("ms_ssim7")(pred, target)) - float(losses.get_loss("ssim7")(pred, target))) > 1e-3
+
+
+def test_ms_ssim_loss_refuses_images_too_small_for_its_coarsest_scale():
+    assert losses.checked_loss("ms_ssim7", 32) is losses.ms_ssim_loss
+    with pytest.raises(UserError, match="at least 28 px"):
+        losses.checked_loss("ms_ssim7", 16)
+    assert losses.checked_loss("ssim7", 16) is losses.ssim_uniform_loss
 
 
 def test_unknown_loss_is_a_user_error():

@@ -65,6 +65,39 @@ def test_patch_and_head_weights_each_reach_the_training_loss():
     assert len({round(v, 6) for v in first_losses.values()}) == 4, first_losses
 
 
+def test_a_training_window_is_normalised_as_its_whole_slice():
+    rng = np.random.default_rng(0)
+    corrupted = jnp.asarray(rng.uniform(0.2, 0.4, (3, 32, 32, 1)).astype(np.float32))
+    corrupted = corrupted.at[:, :4].set(5.0)  # the slices' maxima, outside every window below
+    window = lambda x: x[:, 8:24, 8:24]
+    def pointwise(params, x):
+        return 2.0 * x + 0.1
+
+    whole = train.reconstruct_corrupted(pointwise, None, corrupted, False)
+    cropped = train.reconstruct_corrupted(pointwise, None, corrupted, False, window)
+    np.testing.assert_allclose(np.asarray(cropped), np.asarray(window(whole)), rtol=1e-6)
+    alone = train.reconstruct_corrupted(pointwise, None, window(corrupted), False)  # normalised by the window
+    assert np.abs(np.asarray(alone) - np.asarray(cropped)).max() > 1e-2
+
+
+def test_training_window_reaches_the_step_and_a_whole_slice_window_changes_nothing():
+    batch = jnp.asarray(_brain_like(8))
+    losses = {}
+    for crop in (None, 32, 16):  # the same initialisation, batch and draws
+        train_step, _, state, _ = _steps(Config(**SMALL_RUN, patch_weight=1.0, foreground_weight=1.0,
+                                                train_crop=crop))
+        losses[crop] = float(train_step(state, batch)[1])
+    assert losses[32] == pytest.approx(losses[None], rel=1e-6)
+    assert np.isfinite(losses[16]) and abs(losses[16] - losses[None]) > 1e-4
+
+
+def test_training_window_must_fit_the_slice_and_the_u_net():
+    with pytest.raises(UserError, match="--train_crop"):
+        Config(**{**SMALL_RUN, "train_crop": 40})
+    with pytest.raises(UserError, match="--train_crop=20 must be a multiple of 8"):
+        train.build_model(Config(**{**SMALL_RUN, "model": "small", "train_crop": 20}))
+
+
 def test_evaluation_is_deterministic_and_independent_of_batch_size():
     cfg = Config(**SMALL_RUN)
     _, eval_step, state, mesh = _steps(cfg)
@@ -110,6 +143,13 @@ def test_collapsed_output_is_detected():
 def test_bad_corruption_spec_is_a_user_error():
     with pytest.raises(UserError, match="--corruptions"):
         train.parse_policy("patch+blur")
+
+
+def test_a_loss_that_cannot_score_the_image_size_is_refused_before_the_data_is_read(tmp_path):
+    cfg = Config(**{**SMALL_RUN, "image_size": 16, "loss": "ms_ssim7", "data_dir": str(tmp_path / "no_such_dir")})
+    with pytest.raises(UserError, match="at least 28 px"):  # not the missing data directory
+        train.train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def _run(tmp_path, workdir, **changes):
