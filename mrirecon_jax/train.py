@@ -222,9 +222,9 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     and scores the model's output, mapped back, against the (augmented) clean slices; the patched pixels weigh
     cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more; with cfg.train_crop the model
     and the loss see one random window of each slice; with cfg.ema_decay the moving average of the parameters
-    follows each update. An update whose loss or gradient is not finite is not applied:
-    the state counts it (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none), for the
-    loop to read when it next syncs, with no host round trip of its own.
+    follows each update. An update whose loss or gradient is not finite is not applied: the state counts it
+    (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none), for the loop to read when it
+    next syncs, with no host round trip of its own.
     """
     loss_fn = losses.get_loss(cfg.loss)
     augmentations = parse_augmentation(cfg.augment)

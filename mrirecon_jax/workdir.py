@@ -315,10 +315,9 @@ class Workdir:
 
     def restore_params(self, checkpoint: str, abstract_params):
         """(params, step) of checkpoint `best` (by validation SSIM), `last` or a step number: the parameters that
-        inference uses alone (the ema item in a run with --ema_decay, else params; no optimizer state is read),
-        onto `abstract_params` (jax.ShapeDtypeStruct leaves)."""
+        inference uses alone (the ema item in a run with --ema_decay, else params, as is a checkpoint from before
+        the flag was turned on; no optimizer state is read), onto `abstract_params` (jax.ShapeDtypeStruct leaves)."""
         cfg = self.read_config()
-        item = "ema" if cfg.ema_decay else "params"
         manager = self.checkpoint_manager(cfg.keep_checkpoints)
         try:
             available = manager.all_steps()
@@ -333,6 +332,7 @@ class Workdir:
             else:
                 raise UserError(f"--checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)} or a saved step "
                                 f"({', '.join(map(str, sorted(available)))}).")
+            item = "ema" if cfg.ema_decay and "ema" in manager.item_metadata(step).keys() else "params"
             restored = manager.restore(step, args=ocp.args.Composite(
                 **{item: ocp.args.StandardRestore(abstract_params)}))
         finally:

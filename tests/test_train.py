@@ -205,19 +205,26 @@ def test_parameter_average_follows_each_update_and_is_what_validation_and_checkp
     resumed = _run(tmp_path, "averaged", ema_decay=0.9, max_steps=6)
     straight = _run(tmp_path, "straight", ema_decay=0.9, max_steps=6)
     assert resumed["ssim_slice"] == pytest.approx(straight["ssim_slice"], rel=1e-6)
-    model = train.restore_model(tmp_path / "averaged", "last")
-    run_cfg = model.cfg
-    val = dataset_lib.load_dataset(run_cfg).val
-    eval_step = train.make_eval_step(model.graphdef, train.parse_policy(run_cfg.corruptions), run_cfg.seed,
-                                     run_cfg.nonnegative)
-    summary, _ = train.evaluate_slices(eval_step, model.params, val, 16, train.make_mesh())
-    assert model.step == 6 and summary["ssim_slice"] == pytest.approx(resumed["ssim_slice"], rel=1e-6)
+    def served(run, checkpoint):
+        """(step, validation slice SSIM) of the parameters restore_model serves from a checkpoint of a run."""
+        model = train.restore_model(tmp_path / run, checkpoint)
+        eval_step = train.make_eval_step(model.graphdef, train.parse_policy(model.cfg.corruptions), model.cfg.seed,
+                                         model.cfg.nonnegative)
+        summary, _ = train.evaluate_slices(eval_step, model.params, dataset_lib.load_dataset(model.cfg).val, 16,
+                                           train.make_mesh())
+        return model.step, summary["ssim_slice"]
+
+    step, ssim = served("averaged", "last")
+    assert step == 6 and ssim == pytest.approx(resumed["ssim_slice"], rel=1e-6)
     plain = _run(tmp_path, "plain", max_steps=6)
     assert plain["ssim_slice"] != pytest.approx(straight["ssim_slice"], rel=1e-4)
-    # Turned on for a run trained without it (an explicit config change): the average starts at the resume.
+    # Turned on for a run trained without it (an explicit config change): the average starts at the resume, and
+    # the checkpoints from before it (the best may be one of them) still serve their parameters.
     late = Config(**{**SMALL_RUN, "cache_dir": str(tmp_path / "cache"), "ema_decay": 0.9, "max_steps": 8})
     assert train.train_and_evaluate(late, tmp_path / "plain", allow_config_change=True)["step"] == 8
     assert train.restore_model(tmp_path / "plain", "last").step == 8
+    step, ssim = served("plain", "6")
+    assert step == 6 and ssim == pytest.approx(plain["ssim_slice"], rel=1e-6)
 
 
 def test_time_budget_stops_with_a_final_validation_and_checkpoint(tmp_path):
