@@ -86,8 +86,10 @@ class Config:
                                              "slice (normalised as a whole) and of its target, for a cheaper step; "
                                              "validation and every job see whole slices (None: whole slices).")
     learning_rate: float = _field(1e-4, "Adam learning rate (the peak, with a schedule).")
-    lr_schedule: str = _field("constant", "Learning-rate schedule: constant, or cosine decay to zero over the "
-                                          "run's planned steps (epochs, or --max_steps).")
+    lr_schedule: str = _field("constant", "Learning-rate schedule: constant; cosine, a decay to zero over the "
+                                          "run's planned steps (epochs, or --max_steps); cosine_time, a decay to zero "
+                                          "over the larger share of the planned steps and of --max_train_minutes "
+                                          "spent (if set), so a run ends at zero on a fast or a busy machine.")
     warmup_steps: int = _field(0, "Linear learning-rate warm-up over this many first steps.")
     batch_size: int = _field(8, "Global training batch size.")
     epochs: int = _field(10, "Number of epochs.")

@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 SAMPLE_SLICES = 4  # validation slices shown per image
-TRAINING_FIELDS = {"train_loss": "train/loss_epoch", "epoch": "train/epoch", "wall_time_s": "train/wall_time_s"}
+TRAINING_FIELDS = {"train_loss": "train/loss_epoch", "epoch": "train/epoch", "wall_time_s": "train/wall_time_s",
+                   "learning_rate": "train/learning_rate"}
 
 
 def sample_grid(samples: dict, count: int = SAMPLE_SLICES) -> np.ndarray:

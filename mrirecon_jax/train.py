@@ -150,14 +150,18 @@ def restore_model(workdir, checkpoint: str = "best") -> TrainedModel:
 
 # ----------------------------------------------------------------------------------------------- the steps
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "cosine_time")
+TIMED_SCHEDULES = ("cosine_time",)  # set by the loop before each step, from the training time spent
 
 
 def learning_rate_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
     """The run's learning rate per step: a linear warm-up over cfg.warmup_steps, then constant or a cosine decay
-    to zero at `total_steps` (the run's planned end)."""
+    to zero at `total_steps` (the run's planned end). For a timed schedule, the rate at the start of training (the
+    loop sets it before each step: :func:`timed_learning_rate`)."""
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown --lr_schedule={cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+    if cfg.lr_schedule in TIMED_SCHEDULES:
+        return optax.constant_schedule(timed_learning_rate(cfg, total_steps, 0, 0.0))
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if cfg.lr_schedule == "cosine":
         if not warmup:
@@ -169,9 +173,36 @@ def learning_rate_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
                                  optax.constant_schedule(cfg.learning_rate)], [warmup])
 
 
+def timed_learning_rate(cfg: Config, total_steps: int, step: int, train_time_s: float) -> float:
+    """--lr_schedule=cosine_time: the rate of update `step` (0-based) after `train_time_s` of training: a linear
+    warm-up over cfg.warmup_steps times a cosine decay over the run's progress, the larger of its share of the
+    planned steps and of the time budget (cfg.max_train_minutes, if any), so that the rate reaches zero when either
+    runs out, on a fast machine (more steps) or a busy one (fewer), instead of being cut by the budget half-way down
+    its decay."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    ramp = min(1.0, step / warmup) if warmup else 1.0
+    progress = step / max(total_steps, 1)
+    if cfg.max_train_minutes is not None:
+        progress = max(progress, train_time_s / (60.0 * cfg.max_train_minutes))
+    progress = min(1.0, progress)
+    return cfg.learning_rate * ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    """Adam with the run's learning rate and schedule (the thesis: constant 1e-4)."""
-    return optax.adam(learning_rate_schedule(cfg, total_steps))
+    """Adam with the run's learning rate and schedule (the thesis: constant 1e-4); a timed schedule's rate is a
+    hyperparameter in the optimizer state (optax.inject_hyperparams), for the loop to set."""
+    schedule = learning_rate_schedule(cfg, total_steps)
+    if cfg.lr_schedule in TIMED_SCHEDULES:
+        return optax.inject_hyperparams(optax.adam)(learning_rate=float(schedule(0)))
+    return optax.adam(schedule)
+
+
+def with_learning_rate(state: dict, rate: float) -> dict:
+    """The train state of a timed schedule with its learning rate set to `rate` (same dtype and sharding)."""
+    opt_state = state["opt_state"]
+    current = opt_state.hyperparams["learning_rate"]
+    value = jax.device_put(jnp.asarray(rate, current.dtype), current.sharding)
+    return {**state, "opt_state": opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": value})}
 
 
 def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, total_steps: int = 1000):
@@ -422,12 +453,24 @@ def train_and_evaluate(cfg: Config, workdir, allow_config_change: bool = False) 
     losses.checked_loss(cfg.loss, cfg.train_crop or cfg.image_size)
     stream.check_loader(cfg.data_loader)
     work.check_resumable(cfg, allow_config_change)
+    _check_schedule_resumable(cfg, work)
     writer = distributed.is_writer()
     with work.lock(enabled=writer):  # in a multi-process run, process 0 holds the workdir
         work.check_resumable(cfg, allow_config_change)  # again, now that no other run can change it
+        _check_schedule_resumable(cfg, work)
         cache = stream.streamed if cfg.data_loader == "grain" else None  # grain: training slices stay on disk
         dataset = dataset_lib.load_dataset(cfg, distributed.share(), cache)
         return _train(cfg, work, dataset, policy, val_policy, mesh, allow_config_change, writer)
+
+
+def _check_schedule_resumable(cfg: Config, work: Workdir) -> None:
+    """A timed schedule keeps its rate in the optimizer state, a step schedule does not: a run cannot switch."""
+    if not work.holds_run():
+        return
+    recorded = work.read_config().lr_schedule
+    if (recorded in TIMED_SCHEDULES) != (cfg.lr_schedule in TIMED_SCHEDULES):
+        raise UserError(f"The run in {work} was trained with --lr_schedule={recorded}, whose optimizer state "
+                        f"--lr_schedule={cfg.lr_schedule} cannot continue; train it in a new --workdir.")
 
 
 def _trees(state: dict) -> dict:
@@ -492,6 +535,12 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
             logging.warning("%d update(s) with a non-finite loss or gradient skipped so far.", skipped)
         meta["nonfinite_updates"] = skipped
 
+    def last_learning_rate() -> float:
+        """The learning rate of the last update (of the first, before any)."""
+        if timed:
+            return float(state["opt_state"].hyperparams["learning_rate"].addressable_data(0))
+        return float(step_schedule(max(step - 1, 0)))
+
     def validate(epoch: float, train_losses: list, log: bool = True, stopped_by=None) -> tuple[dict, dict]:
         """Validate; with `stopped_by` (planned_end, time_budget or signal) the record is the run's last, and
         `complete` says whether it reached its planned end or its time budget."""
@@ -499,7 +548,8 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
                                            mesh, val_policy.kinds)
         pause_point("validation", step)
         record = {"step": step, "epoch": round(epoch, 4), "wall_time_s": round(meta["train_time_s"], 3),
-                  "train_loss": _mean_finite(train_losses), **summary, "device": device,
+                  "train_loss": _mean_finite(train_losses), "learning_rate": last_learning_rate(), **summary,
+                  "device": device,
                   "nonfinite_updates": meta["nonfinite_updates"], "stopped_by": stopped_by,
                   "complete": stopped_by in ("planned_end", "time_budget")}
         if log and writer:
@@ -524,11 +574,16 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
     segment_start, segment_step = started, step
     stopped_early = False
     batches = stream.training_batches(cfg, dataset.train, steps_per_epoch, local_batch, step, total_steps)
+    timed = cfg.lr_schedule in TIMED_SCHEDULES
+    step_schedule = None if timed else learning_rate_schedule(cfg, total_steps)
+    clock = meta["train_time_s"]  # the training time that the time budget and a timed schedule read
     with contextlib.closing(manager), contextlib.closing(batches), _StopRequest() as stop, \
             tqdm(total=total_steps, initial=step, unit="step", disable=None if writer else True,
                  dynamic_ncols=True) as bar, \
             summaries_lib.TrainingSummaries(work.tensorboard_dir, writer, step) as summaries:
         while step < total_steps:
+            if timed:
+                state = with_learning_rate(state, timed_learning_rate(cfg, total_steps, step, clock))
             state, loss = train_step(state, global_batch(next(batches), batch_sharding))
             train_losses.append(loss)
             step += 1
@@ -544,8 +599,9 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
                 summaries.training(step, loss_value, rate)
             meta["train_time_s"] += now - started
             started = now
-            out_of_time = (cfg.max_train_minutes is not None
-                           and meta["train_time_s"] >= 60.0 * cfg.max_train_minutes)
+            if jax.process_count() == 1 or step % 10 == 0:  # processes agree on it every 10 steps
+                clock = float(distributed.gather(meta["train_time_s"]).max())
+            out_of_time = cfg.max_train_minutes is not None and clock >= 60.0 * cfg.max_train_minutes
             stopping = out_of_time or stop.requested  # read once: a signal may arrive while checkpointing
             if step % steps_per_epoch == 0 or step == total_steps or stopping:
                 check_finite()

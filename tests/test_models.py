@@ -52,3 +52,32 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert y16.dtype == jnp.float32  # the head casts back
     assert float(jnp.max(jnp.abs(y16 - y32))) < 0.05
     assert not np.array_equal(np.asarray(y16), np.asarray(y32))  # bfloat16 really was used
+
+
+def test_space_to_depth_stacks_each_block_of_pixels_as_channels_and_depth_to_space_undoes_it():
+    x = jax.random.uniform(jax.random.key(3), (2, 8, 12, 3))
+    blocks = unet.space_to_depth(x, 2)
+    assert blocks.shape == (2, 4, 6, 12)
+    for a in range(2):
+        for b in range(2):  # channel group (a, b) is the pixel at offset (a, b) of each block
+            np.testing.assert_array_equal(blocks[..., (2 * a + b) * 3:(2 * a + b + 1) * 3], x[:, a::2, b::2])
+    np.testing.assert_array_equal(unet.depth_to_space(blocks, 2), x)
+
+
+def test_pixel_shuffle_u_net_has_no_full_size_level_and_predicts_each_pixel_of_a_block_from_its_own_channel():
+    spec = unet.PRESETS["small_shuffle"]
+    model = unet.UNet(spec, rngs=nnx.Rngs(0))
+    assert model.down[0].conv1.kernel.shape == (3, 3, 4, 32)  # 2 x 2 blocks of one channel
+    small = unet.count_params(unet.UNet(unet.PRESETS["small"], rngs=nnx.Rngs(0)))
+    assert abs(unet.count_params(model) - small) < 0.05 * small
+    x = jax.random.uniform(jax.random.key(4), (2, 64, 64, 1))
+    assert model(x).shape == (2, 64, 64, 1)
+    # A head that puts 1 in its channel (a, b) alone: the residual output is the input plus 1 at offset (a, b).
+    model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
+    model.head.bias[...] = jnp.zeros(4).at[2 * 1 + 0].set(1.0)
+    added = np.asarray(model(x) - x)[..., 0]
+    np.testing.assert_allclose(added[:, 1::2, 0::2], 1.0, atol=1e-6)
+    np.testing.assert_allclose(added[:, 0::2, :], 0.0, atol=1e-6)
+    np.testing.assert_allclose(added[:, 1::2, 1::2], 0.0, atol=1e-6)
+    with pytest.raises(UserError, match="multiple of 8 .*2 x 2 pixel blocks"):
+        build_model(Config(model="small_shuffle", image_size=36))

@@ -1,3 +1,5 @@
+import functools
+import itertools
 import json
 import os
 import signal
@@ -178,6 +180,7 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
     complete = [(r["step"], r["stopped_by"]) for r in records if r["complete"]]
     assert complete == [(3, "planned_end"), (7, "planned_end")]
     assert all(r["stopped_by"] is None for r in records if not r["complete"])
+    assert all(r["learning_rate"] == pytest.approx(SMALL_RUN["learning_rate"]) for r in records)  # constant
     assert (tmp_path / "interrupted" / "samples.png").stat().st_size > 10_000
     split = json.loads((tmp_path / "interrupted" / "split.json").read_text())
     assert not set(split["train_subjects"]) & set(split["val_subjects"])
@@ -225,6 +228,48 @@ def test_parameter_average_follows_each_update_and_is_what_validation_and_checkp
     assert train.restore_model(tmp_path / "plain", "last").step == 8
     step, ssim = served("plain", "6")
     assert step == 6 and ssim == pytest.approx(plain["ssim_slice"], rel=1e-6)
+
+
+def test_timed_learning_rate_decays_over_the_larger_share_of_steps_and_time_budget():
+    cfg = Config(learning_rate=1e-3, lr_schedule="cosine_time", warmup_steps=10, max_train_minutes=10.0)
+    rate = functools.partial(train.timed_learning_rate, cfg, 100)
+    assert rate(0, 0.0) == 0.0 and rate(5, 0.0) == pytest.approx(0.5e-3 * 0.5 * (1 + np.cos(np.pi * 0.05)))
+    assert rate(20, 300.0) == pytest.approx(0.5e-3)  # half the budget spent: half the peak
+    assert rate(50, 30.0) == pytest.approx(0.5e-3)  # half the steps: the same, whatever the time
+    assert rate(20, 450.0) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 0.75)))
+    assert rate(20, 600.0) == rate(20, 900.0) == rate(100, 0.0) == 0.0
+    assert train.learning_rate_schedule(cfg, 100)(0) == 0.0  # the optimizer's rate before the loop sets one
+    unlimited = cfg.replace(max_train_minutes=None)  # no budget: the planned steps alone
+    assert train.timed_learning_rate(unlimited, 100, 50, 1e6) == pytest.approx(0.5e-3)
+
+
+def test_timed_schedule_reads_the_training_time_including_that_of_earlier_sessions(tmp_path, monkeypatch):
+    """A first session on a clock that runs fast spends a share of the budget; resumed on a stopped clock, every
+    update's rate (logged with each validation) is the timed schedule's at that step and that training time. The
+    optimizer state of a timed schedule cannot continue under a step schedule."""
+    ticks = itertools.count(0.0, 1000.0)
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    budget = dict(lr_schedule="cosine_time", max_train_minutes=200.0, warmup_steps=2, epochs=8)
+    _run(tmp_path, "timed", max_steps=3, **budget)
+    spent = _records(tmp_path, "timed")[-1]["wall_time_s"]
+    assert 3000.0 <= spent < 12000.0  # a quarter of the budget or more: at least 1000 s a step
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.0)
+    record = _run(tmp_path, "timed", max_steps=40, **budget)
+    assert record["step"] == 40 and record["stopped_by"] == "planned_end"
+    cfg = Config(**{**SMALL_RUN, **budget})
+    later = _records(tmp_path, "timed")[1:]
+    assert len(later) >= 2 and all(r["wall_time_s"] == spent for r in later)
+    for r in later:
+        assert r["learning_rate"] == pytest.approx(train.timed_learning_rate(cfg, 40, r["step"] - 1, spent),
+                                                   rel=1e-5, abs=1e-9)
+    first = later[0]  # the time spent, not the steps, set its rate
+    assert first["learning_rate"] < 0.9 * train.timed_learning_rate(cfg, 40, first["step"] - 1, 0.0)
+    assert later[-1]["learning_rate"] < 1e-5
+    stepped = Config(**{**SMALL_RUN, **budget, "lr_schedule": "cosine", "cache_dir": str(tmp_path / "cache"),
+                        "max_steps": 44})
+    with pytest.raises(UserError, match="--lr_schedule=cosine_time, whose optimizer state"):
+        train.train_and_evaluate(stepped, tmp_path / "timed", allow_config_change=True)
+    assert len(_records(tmp_path, "timed")) == len(later) + 1
 
 
 def test_time_budget_stops_with_a_final_validation_and_checkpoint(tmp_path):

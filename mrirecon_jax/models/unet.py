@@ -28,6 +28,9 @@ class UNetSpec:
     output_activation: str = "relu"
     residual: bool = False
     norm: str = "none"  # a name in NORMS: what follows each convolution before its ReLU
+    # > 1: the U-Net runs on blocks of pixel_shuffle x pixel_shuffle pixels stacked as channels (space-to-depth) and
+    # its head predicts each block's pixels (depth-to-space, Shi et al. 2016's pixel shuffle): no full-size level.
+    pixel_shuffle: int = 1
 
 
 PRESETS: dict[str, UNetSpec] = {
@@ -38,6 +41,8 @@ PRESETS: dict[str, UNetSpec] = {
     # Wider (about 1.9 M parameters) and deeper (five levels, about 1.9 M) variants of small.
     "medium": UNetSpec(features=(32, 64, 128, 256), output_activation="linear", residual=True),
     "small_deep": UNetSpec(features=(16, 32, 64, 128, 256), output_activation="linear", residual=True),
+    # small without its full-size level: the other three on 2 x 2 pixel blocks.
+    "small_shuffle": UNetSpec(features=(32, 64, 128), output_activation="linear", residual=True, pixel_shuffle=2),
     # The thesis's network: 64-128-256-512-1024, about 31 M parameters, ReLU output (REFERENCE.md).
     "thesis": UNetSpec(features=(64, 128, 256, 512, 1024), output_activation="relu", residual=False),
 }
@@ -70,8 +75,8 @@ def resolve_spec(preset: str, output_activation: Optional[str] = None, norm: Opt
 
 
 def min_image_size(spec: UNetSpec) -> int:
-    """Image sides must be multiples of this (one halving per pooling step)."""
-    return 2 ** (len(spec.features) - 1)
+    """Image sides must be multiples of this (one halving per pooling step, and the pixel blocks)."""
+    return 2 ** (len(spec.features) - 1) * spec.pixel_shuffle
 
 
 def checked_spec(preset: str, output_activation: Optional[str], norm: Optional[str], image_size: int, dtype: str,
@@ -80,7 +85,9 @@ def checked_spec(preset: str, output_activation: Optional[str], norm: Optional[s
     spec = resolve_spec(preset, output_activation, norm)
     if image_size % min_image_size(spec):
         raise UserError(f"--image_size={image_size} must be a multiple of {min_image_size(spec)} for the {preset!r} "
-                        f"U-Net ({len(spec.features) - 1} poolings).")
+                        f"U-Net ({len(spec.features) - 1} poolings"
+                        + (f" of {spec.pixel_shuffle} x {spec.pixel_shuffle} pixel blocks)." if spec.pixel_shuffle > 1
+                           else ")."))
     if dtype not in DTYPES:
         raise UserError(f"Unknown --dtype={dtype!r}; choose one of {', '.join(DTYPES)}.")
     if conv_impl not in CONV_IMPLS:
@@ -137,16 +144,19 @@ class UNet(nnx.Module):
         feats = spec.features
         conv = conv_function(conv_impl)
         block = functools.partial(ConvBlock, dtype=dtype, conv=conv, norm=spec.norm, rngs=rngs)
-        self.down = nnx.List([block(c_in, c_out) for c_in, c_out in zip((in_features,) + feats[:-2], feats[:-1])])
+        blocks_in = in_features * spec.pixel_shuffle ** 2
+        self.down = nnx.List([block(c_in, c_out) for c_in, c_out in zip((blocks_in,) + feats[:-2], feats[:-1])])
         self.bottleneck = block(feats[-2], feats[-1])
         self.up = nnx.List([UpConv(c_deep, c, matmul=conv_impl != "xla", dtype=dtype, rngs=rngs)
                             for c_deep, c in zip(feats[:0:-1], feats[-2::-1])])
         self.up_blocks = nnx.List([block(2 * c, c) for c in feats[-2::-1]])
-        self.head = nnx.Conv(feats[0], 1, (1, 1), dtype=dtype, rngs=rngs)
+        self.head = nnx.Conv(feats[0], spec.pixel_shuffle ** 2, (1, 1), dtype=dtype, rngs=rngs)
         self.pool = _xla_max_pool if conv_impl == "xla" else max_pool_2x2
 
     def __call__(self, x):
         inputs = x
+        if self.spec.pixel_shuffle > 1:
+            x = space_to_depth(x, self.spec.pixel_shuffle)
         skips = []
         for block in self.down:
             x = block(x)
@@ -156,9 +166,26 @@ class UNet(nnx.Module):
         for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
             x = block(jnp.concatenate([nnx.relu(up(x)), skip], axis=-1))
         y = self.head(x).astype(jnp.float32)
+        if self.spec.pixel_shuffle > 1:
+            y = depth_to_space(y, self.spec.pixel_shuffle)
         if self.spec.residual:
             y = y + inputs[..., :1].astype(jnp.float32)
         return OUTPUT_ACTIVATIONS[self.spec.output_activation](y)
+
+
+def space_to_depth(x, block: int):
+    """(N, H, W, C) -> (N, H/block, W/block, block*block*C): each block x block patch of pixels as channels."""
+    n, height, width, c = x.shape
+    x = x.reshape(n, height // block, block, width // block, block, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, height // block, width // block, block * block * c)
+
+
+def depth_to_space(x, block: int):
+    """The inverse of :func:`space_to_depth`."""
+    n, height, width, channels = x.shape
+    c = channels // (block * block)
+    x = x.reshape(n, height, width, block, block, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, height * block, width * block, c)
 
 
 def count_params(model: nnx.Module) -> int:
