@@ -6,11 +6,13 @@ restricts the pixel losses to where it is non-zero and weights the SSIM map the 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from mrirecon_jax.config import UserError
 
@@ -21,6 +23,7 @@ UNIFORM_WINDOW = 7  # scikit-image's SSIM window, the one metrics.ssim scores wi
 # Wang, Simoncelli & Bovik 2003, "Multi-scale structural similarity": the weights of their three finest scales,
 # renormalised to sum to one (at 64 px a fourth scale would leave an 8 px image for a 7 px window).
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)
+_halve = functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))  # between MS-SSIM's scales
 
 
 def _weighted_mean(values, weights):
@@ -85,11 +88,6 @@ def _per_image_mean(ssim_map, weights):
     return jnp.sum(ssim_map * weights, axis=(1, 2, 3)) / jnp.maximum(jnp.sum(weights, axis=(1, 2, 3)), 1e-6)
 
 
-def _halve(x):
-    """2x2 average pooling of an NHWC batch (odd edges dropped), the downsampling between MS-SSIM's scales."""
-    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
-
-
 def ms_ssim_loss(pred, target, weights: Optional[jnp.ndarray] = None):
     """1 - multi-scale SSIM (Wang et al. 2003) over len(MS_SSIM_WEIGHTS) scales with the metric's uniform 7x7
     window: the contrast-structure term at each finer scale and the full SSIM at the coarsest, each image's means
@@ -106,7 +104,7 @@ def ms_ssim_loss(pred, target, weights: Optional[jnp.ndarray] = None):
         # A negative mean (an output anticorrelated with the target) would make the power undefined: floor it.
         score = score * jnp.maximum(_per_image_mean(term, weights), 1e-6) ** exponent
         if scale < halvings:
-            pred, target = _halve(pred), _halve(target)
+            pred, target = _halve(pred), _halve(target)  # 2x2 average pooling, odd edges dropped
             weights = None if weights is None else _halve(weights)
     return 1.0 - jnp.mean(score)
 

@@ -84,10 +84,9 @@ def checked_spec(preset: str, output_activation: Optional[str], norm: Optional[s
     """The spec of a preset, after checking that the image size, dtype and back end suit it (UserError if not)."""
     spec = resolve_spec(preset, output_activation, norm)
     if image_size % min_image_size(spec):
+        blocks = f" of {spec.pixel_shuffle} x {spec.pixel_shuffle} pixel blocks" if spec.pixel_shuffle > 1 else ""
         raise UserError(f"--image_size={image_size} must be a multiple of {min_image_size(spec)} for the {preset!r} "
-                        f"U-Net ({len(spec.features) - 1} poolings"
-                        + (f" of {spec.pixel_shuffle} x {spec.pixel_shuffle} pixel blocks)." if spec.pixel_shuffle > 1
-                           else ")."))
+                        f"U-Net ({len(spec.features) - 1} poolings{blocks}).")
     if dtype not in DTYPES:
         raise UserError(f"Unknown --dtype={dtype!r}; choose one of {', '.join(DTYPES)}.")
     if conv_impl not in CONV_IMPLS:
