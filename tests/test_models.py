@@ -81,3 +81,6 @@ def test_pixel_shuffle_u_net_has_no_full_size_level_and_predicts_each_pixel_of_a
     np.testing.assert_allclose(added[:, 1::2, 1::2], 0.0, atol=1e-6)
     with pytest.raises(UserError, match="multiple of 8 .*2 x 2 pixel blocks"):
         build_model(Config(model="small_shuffle", image_size=36))
+    wide = nnx.eval_shape(lambda: unet.UNet(unet.PRESETS["small_shuffle_wide"], rngs=nnx.Rngs(0)))  # shapes only
+    assert wide.down[0].conv1.kernel.shape == (3, 3, 4, 48) and wide.head.kernel.shape[-1] == 4
+    assert 1.0e6 < unet.count_params(wide) < 1.1e6  # 1.05 M, as README says

@@ -41,8 +41,10 @@ PRESETS: dict[str, UNetSpec] = {
     # Wider (about 1.9 M parameters) and deeper (five levels, about 1.9 M) variants of small.
     "medium": UNetSpec(features=(32, 64, 128, 256), output_activation="linear", residual=True),
     "small_deep": UNetSpec(features=(16, 32, 64, 128, 256), output_activation="linear", residual=True),
-    # small without its full-size level: the other three on 2 x 2 pixel blocks.
+    # small without its full-size level: the other three on 2 x 2 pixel blocks; and the same 1.5 times as wide.
     "small_shuffle": UNetSpec(features=(32, 64, 128), output_activation="linear", residual=True, pixel_shuffle=2),
+    "small_shuffle_wide": UNetSpec(features=(48, 96, 192), output_activation="linear", residual=True,
+                                   pixel_shuffle=2),
     # The thesis's network: 64-128-256-512-1024, about 31 M parameters, ReLU output (REFERENCE.md).
     "thesis": UNetSpec(features=(64, 128, 256, 512, 1024), output_activation="relu", residual=False),
 }
