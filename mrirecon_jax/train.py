@@ -53,8 +53,14 @@ def build_model(cfg: Config) -> unet.UNet:
     if cfg.train_crop and cfg.train_crop % unet.min_image_size(spec):
         raise UserError(f"--train_crop={cfg.train_crop} must be a multiple of {unet.min_image_size(spec)} for the "
                         f"{cfg.model!r} U-Net.")
-    key = jax.random.fold_in(jax.random.key(cfg.seed), INIT_KEY)
-    return unet.UNet(spec, dtype=unet.DTYPES[cfg.dtype], conv_impl=cfg.conv_impl, rngs=nnx.Rngs(params=key))
+    return _initialised_unet(spec, cfg.dtype, cfg.conv_impl, jax.random.fold_in(jax.random.key(cfg.seed), INIT_KEY))
+
+
+@functools.partial(nnx.jit, static_argnums=(0, 1, 2))
+def _initialised_unet(spec: unet.UNetSpec, dtype: str, conv_impl: str, key) -> unet.UNet:
+    """The U-Net initialised in one compiled program (eagerly, each kernel's initialiser compiles on its own: about
+    10 s of a new process on 2 cores); the same parameters either way."""
+    return unet.UNet(spec, dtype=unet.DTYPES[dtype], conv_impl=conv_impl, rngs=nnx.Rngs(params=key))
 
 
 def model_apply(graphdef: nnx.GraphDef, flip_average: bool = False) -> Callable:
@@ -449,7 +455,7 @@ def train_and_evaluate(cfg: Config, workdir, allow_config_change: bool = False) 
     mesh = make_mesh()
     check_batch(cfg.batch_size, mesh)
     # Check every name before the data is read: model, schedule, augmentation, loss, loader.
-    build_model(cfg), learning_rate_schedule(cfg, 1), parse_augmentation(cfg.augment)
+    nnx.eval_shape(lambda: build_model(cfg)), learning_rate_schedule(cfg, 1), parse_augmentation(cfg.augment)
     losses.checked_loss(cfg.loss, cfg.train_crop or cfg.image_size)
     stream.check_loader(cfg.data_loader)
     work.check_resumable(cfg, allow_config_change)

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, cli, error_line
+from conftest import ROOT, TEST_XLA_FLAGS, cli, error_line
 from mrirecon_jax import benchmark, distributed
 from mrirecon_jax.config import UserError
 
@@ -70,7 +70,7 @@ FOUR_DEVICES = """
 
 
 def test_four_devices_train_and_evaluate_like_one_and_refuse_an_uneven_batch():
-    child = _python(FOUR_DEVICES, json.dumps(TINY), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    child = _python(FOUR_DEVICES, json.dumps(TINY), env={"XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4"})
     out = _report(child)
     assert out["devices"] == 4 and out["shards_1"] == 1 and out["shards_4"] == 4
     assert out["losses_4"] == pytest.approx(out["losses_1"], rel=1e-5)

@@ -6,6 +6,7 @@ from flax import nnx
 
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.models import unet
+from mrirecon_jax import train
 from mrirecon_jax.train import build_model
 
 
@@ -31,6 +32,18 @@ def test_output_shape_and_activation_range(activation):
         assert float(y.min()) >= 0.0
     if activation in ("sigmoid", "clip"):
         assert float(y.max()) <= 1.0
+
+
+def test_the_compiled_initialisation_gives_flax_s_own_parameters():
+    """build_model initialises in one compiled program; the parameters are those of flax's eager initialisers for the
+    run's seed, and another seed gives others."""
+    cfg = Config(model="tiny", image_size=32, seed=5)
+    key = jax.random.fold_in(jax.random.key(5), train.INIT_KEY)
+    eager = nnx.state(unet.UNet(unet.PRESETS["tiny"], rngs=nnx.Rngs(params=key)), nnx.Param)
+    compiled = nnx.state(build_model(cfg), nnx.Param)
+    jax.tree.map(np.testing.assert_array_equal, compiled, eager)
+    other = nnx.state(build_model(cfg.replace(seed=6)), nnx.Param)
+    assert not np.array_equal(other["head"]["kernel"][...], compiled["head"]["kernel"][...])
 
 
 def test_image_size_must_fit_the_poolings():

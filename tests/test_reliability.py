@@ -217,9 +217,12 @@ def test_finite_guard_skips_a_non_finite_update_inside_the_step():
     assert not np.isfinite(float(loss)) and int(state["nonfinite"]) == 1 and int(state["first_nonfinite"]) == 0
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["params"]), before)
     for clean in (np.zeros((4, 16, 16, 1), np.float32), np.full((4, 16, 16, 1), 0.7, np.float32)):
-        state, loss = step(state, jnp.asarray(clean))  # all background, constant: finite, applied
+        state, loss = step(state, jnp.asarray(clean))  # all background, constant: finite
         assert np.isfinite(float(loss)) and int(state["nonfinite"]) == 1
-    assert int(state["step"]) == 3 and int(state["first_nonfinite"]) == 0
+    textured = np.random.default_rng(0).random((4, 16, 16, 1), np.float32)
+    state, loss = step(state, jnp.asarray(textured))  # a finite update is applied again
+    assert np.isfinite(float(loss)) and int(state["step"]) == 4
+    assert int(state["nonfinite"]) == 1 and int(state["first_nonfinite"]) == 0
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), state["params"], before))
     assert any(changed)
 

@@ -22,11 +22,11 @@ SMALL_RUN = dict(model="tiny", image_size=32, slices=4, slab_mm=None, batch_size
                  learning_rate=3e-3, eval_batch_size=16, corruptions="augmented")
 
 
-def _brain_like(n, size=32, seed=0):
-    """Smooth blobs inside a disc: a stand-in for brain slices, normalised to [0, 1]."""
+def _brain_like(n, size=32, seed=0, radius=0.4):
+    """Smooth blobs inside a disc (`radius` of the side): a stand-in for brain slices, normalised to [0, 1]."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] - size / 2
-    disc = (yy ** 2 + xx ** 2) < (0.4 * size) ** 2
+    disc = (yy ** 2 + xx ** 2) < (radius * size) ** 2
     images = ndimage.gaussian_filter(rng.random((n, size, size)), sigma=(0, 2, 2)) * disc
     images = (images - images.min(axis=(1, 2), keepdims=True))
     images /= images.max(axis=(1, 2), keepdims=True)
@@ -56,7 +56,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_patch_and_head_weights_each_reach_the_training_loss():
     """The same first step (same initialisation, batch and draws) scores differently with each extra weight."""
-    batch = jnp.asarray(_brain_like(8))
+    batch = jnp.asarray(_brain_like(8, radius=0.25))  # a head with air around it inside the loss's valid window
     first_losses = {}
     for patch_weight, foreground_weight in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]:
         cfg = Config(**SMALL_RUN, patch_weight=patch_weight, foreground_weight=foreground_weight)
@@ -64,7 +64,7 @@ def test_patch_and_head_weights_each_reach_the_training_loss():
         _, loss = train_step(state, batch)
         first_losses[patch_weight, foreground_weight] = float(loss)
     assert all(np.isfinite(list(first_losses.values())))
-    assert len({round(v, 6) for v in first_losses.values()}) == 4, first_losses
+    assert len({round(v, 4) for v in first_losses.values()}) == 4, first_losses
 
 
 def test_a_training_window_is_normalised_as_its_whole_slice():
