@@ -15,7 +15,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mrir
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The suite compiles about 4,000 distinct XLA programs and runs most of them a few times: without LLVM's
-# optimisations each compiles several times faster (the same HLO, so the same arithmetic up to rounding).
+# optimisations each compiles several times faster, with results equal up to float rounding
+# (docs/cpu-performance.md).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
