@@ -367,15 +367,15 @@ def evaluate_slices(eval_step: Callable, params, images: np.ndarray, batch_size:
     samples = {name: np.concatenate(parts) for name, parts in kept.items()}
     if keep_all:
         samples["per_slice"] = values
-    summary = {name: float(np.nanmean(values[name])) for name in metrics.SLICE_METRICS + THESIS_SUMMARY}
-    summary.update({f"input_{name}": float(np.nanmean(values[f"input_{name}"])) for name in metrics.SLICE_METRICS})
+    summary = {name: _nanmean(values[name]) for name in metrics.SLICE_METRICS + THESIS_SUMMARY}
+    summary.update({f"input_{name}": _nanmean(values[f"input_{name}"]) for name in metrics.SLICE_METRICS})
     output_std = float(np.sqrt(max(np.mean(values["pred_sq_mean"]) - np.mean(values["pred_mean"]) ** 2, 0.0)))
     summary.update(output_std=output_std, collapsed=output_std < COLLAPSE_STD, n_val_slices=int(len(images)))
     for index, kind in enumerate(policy_kinds):
         chosen = values["kind"] == index
         if chosen.any() and len(policy_kinds) > 1:
-            summary[f"ssim_slice/{kind}"] = float(np.nanmean(values["ssim_slice"][chosen]))
-            summary[f"ssim_patch/{kind}"] = float(np.nanmean(values["ssim_patch"][chosen]))
+            summary[f"ssim_slice/{kind}"] = _nanmean(values["ssim_slice"][chosen])
+            summary[f"ssim_patch/{kind}"] = _nanmean(values["ssim_patch"][chosen])
     return summary, samples
 
 
@@ -435,6 +435,13 @@ def pause_point(point: str, step: int) -> None:
         Path(spec.partition(":")[2]).write_text(str(os.getpid()))
         while True:
             time.sleep(3600)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """The mean of the values that are not NaN; NaN, without numpy's warning, where none is (the patch metrics of a
+    policy without a patch)."""
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def _mean_finite(values: list) -> float | None:

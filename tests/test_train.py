@@ -131,6 +131,7 @@ def test_flip_average_is_the_mean_over_the_mirror_image_and_reaches_evaluation()
     np.testing.assert_allclose(pred, pred[:, :, ::-1], atol=1e-5)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # metrics undefined on every slice are NaN, without a warning
 def test_collapsed_output_is_detected():
     cfg = Config(**{**SMALL_RUN, "output_activation": "relu"})
     _, eval_step, state, mesh = _steps(cfg)
