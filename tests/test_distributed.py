@@ -70,7 +70,8 @@ FOUR_DEVICES = """
 
 
 def test_four_devices_train_and_evaluate_like_one_and_refuse_an_uneven_batch():
-    child = _python(FOUR_DEVICES, json.dumps(TINY), env={"XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4"})
+    four = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4"
+    child = _python(FOUR_DEVICES, json.dumps(TINY), env={"XLA_FLAGS": four})
     out = _report(child)
     assert out["devices"] == 4 and out["shards_1"] == 1 and out["shards_4"] == 4
     assert out["losses_4"] == pytest.approx(out["losses_1"], rel=1e-5)

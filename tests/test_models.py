@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mrirecon_jax import train
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.models import unet
-from mrirecon_jax import train
 from mrirecon_jax.train import build_model
 
 
