@@ -86,6 +86,8 @@ flags.DEFINE_string("output", None, "report/benchmark/gallery/reconstruct/detect
 flags.DEFINE_string("input", None, "reconstruct/detect: the NIfTI volume to read.")
 flags.DEFINE_bool("resample_to_input", False, "reconstruct/detect: write on the input's grid, not the model's.")
 flags.DEFINE_string("corrupt", None, "reconstruct: corrupt the input first with this corruption policy.")
+flags.DEFINE_string("mask", None, "reconstruct: NIfTI on the input's grid, non-zero where the image was blanked or "
+                    "painted over, told to a run trained with --mask_input.")
 flags.DEFINE_string("brain_mask", None, "detect: brain mask NIfTI (computed when not given).")
 flags.DEFINE_string("lesion_mask", None, "detect: ground-truth lesion mask NIfTI, to score the anomaly map.")
 flags.DEFINE_string("lesion_dir", None, "detect_eval: also score real lesion cases: a folder of case folders, each "
@@ -231,7 +233,7 @@ def gallery_job():
 def reconstruct_job():
     summary = infer.reconstruct(workdir_flag(), required_flag("input"), required_flag("output"),
                                 checkpoint=FLAGS.checkpoint, resample_to_input=FLAGS.resample_to_input,
-                                corrupt=FLAGS.corrupt, seed=FLAGS.seed)
+                                corrupt=FLAGS.corrupt, seed=FLAGS.seed, mask_path=FLAGS.mask)
     print(json.dumps(summary))
 
 

@@ -150,7 +150,7 @@ def benchmark_one(cfg: Config, mesh, steps: int = 20, warmup: int = 3, trace_dir
     batch = train.shared_batch(images, NamedSharding(mesh, P("data")))
     with_corruptions = _time_train_step(cfg, mesh, batch, steps, warmup, trace_dir)
     without = _time_train_step(cfg.replace(corruptions="none"), mesh, batch, steps, warmup)
-    apply = train.model_apply(with_corruptions["graphdef"])
+    apply = train.model_apply(with_corruptions["graphdef"], mask_input=bool(cfg.mask_input))
     reconstruct = jax.jit(lambda params, x: train.reconstruct_corrupted(apply, params, x, cfg.nonnegative))
     reconstruct = reconstruct.lower(with_corruptions["params"], batch).compile()
     for _ in range(warmup):

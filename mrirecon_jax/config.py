@@ -69,6 +69,13 @@ class Config:
     flip_average: bool = _field(False, "Validation, evaluation and inference average the model's outputs on each "
                                        "slice and on its left-right mirror image (test-time augmentation; the "
                                        "training step is unchanged).")
+    mask_input: float = _field(0.0, "Give the model the mask of the pixels a patch hid as a second input channel "
+                                    "(reconstruct's --mask), on this fraction of the training slices; zeros on the "
+                                    "others, as inference without a mask gives (0: one input channel). Validation "
+                                    "tells the model the mask only when every training slice does (1).")
+    mask_slack_px: int = _field(2, "With --mask_input, grow each mask the model is told in training by 0 to this "
+                                   "many pixels, drawn per slice, so a mask that covers more than the changed "
+                                   "pixels (as users draw them) is no surprise.")
     dtype: str = _field("float32", "Compute dtype of the model.")
     conv_impl: str = _field("auto", "Convolution back end (models/conv.py): auto picks per shape; xla is XLA's own "
                                     "throughout (the reference).")
@@ -132,12 +139,14 @@ class Config:
         for name, (value, least) in at_least.items():
             if value is not None and value < least:
                 raise UserError(f"--{name} must be at least {least}, got {value}.")
-        for name in ("patch_weight", "foreground_weight", "warmup_steps", "data_workers"):
+        for name in ("patch_weight", "foreground_weight", "warmup_steps", "data_workers", "mask_slack_px"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
         if self.train_crop is not None and not 8 <= self.train_crop <= self.image_size:
             raise UserError(f"--train_crop must be at least 8 and at most --image_size={self.image_size}, "
                             f"got {self.train_crop}.")
+        if not 0 <= self.mask_input <= 1:
+            raise UserError(f"--mask_input must be a fraction from 0 to 1, got {self.mask_input}.")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema_decay must be at least 0 and below 1, got {self.ema_decay}.")
         if self.skull_strip:

@@ -859,6 +859,18 @@ def random_window(key, images, size: int):
         images, rows, cols)
 
 
+__all__ += ["grown_masks"]
+
+
+def grown_masks(key, masks, max_px: int):
+    """Each (H, W, C) mask of an NHWC batch grown by r ~ U{0, ..., max_px} pixels (a (2r + 1)-square maximum
+    filter), r drawn per slice: masks that cover more than the pixels a patch changed, as a user draws them."""
+    grown = [masks] + [jax.lax.reduce_window(masks, 0.0, jax.lax.max, (1, 2 * r + 1, 2 * r + 1, 1), (1, 1, 1, 1),
+                                             "SAME") for r in range(1, max_px + 1)]
+    radius = jax.random.randint(key, (masks.shape[0],), 0, max_px + 1)
+    return jnp.take_along_axis(jnp.stack(grown, axis=1), radius[:, None, None, None, None], axis=1)[:, 0]
+
+
 # ---- synthetic anomalies (lesion generator; issue 6) ----
 
 __all__ += ["lesion_blob"]

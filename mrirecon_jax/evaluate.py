@@ -4,8 +4,10 @@ Evaluated on the run's own validation subjects, or on every subject of an unseen
 run's data. Each corruption kind of the catalogue is evaluated as the policy ``patch+KIND``, the run's own
 policy as ``run_policy``, and ``overall`` pools every catalogue kind (each slice once per kind). Corruptions use
 the fixed per-slice keys of ``train.evaluate_slices``, so two evaluations of a checkpoint agree to the last digit,
-and the baselines see the very inputs the model saw. Results land in ``WORKDIR/eval/``: ``metrics.json`` and
-the figures (training curves from ``metrics.jsonl``; input / output / truth / difference grids per kind).
+and the baselines see the very inputs the model saw; a run trained with --mask_input (below 1) is also scored told
+the patch's mask (``model_told_mask``, as reconstruct's --mask tells it). Results land in ``WORKDIR/eval/``:
+``metrics.json`` and the figures (training curves from ``metrics.jsonl``; input / output / truth / difference
+grids per kind).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from absl import logging
 from mrirecon_jax import baselines, corruptions, distributed, metrics, plots, train
 from mrirecon_jax.config import UserError
 from mrirecon_jax.data import dataset as dataset_lib
-from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, Workdir
+from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, TOLD_MASK, Workdir
 OVERALL = "overall"
 SHOWN_SLICES = 5
 
@@ -51,15 +53,17 @@ def score_slices(output: np.ndarray, clean: np.ndarray, masks: np.ndarray) -> di
 
 
 def summarise(scores: dict[str, dict], n_subjects: int) -> dict:
-    """Means of the per-slice scores of the model and every baseline, and the best baseline by slice SSIM."""
+    """Means of the per-slice scores of the model (and of the model told the mask, if scored) and of every
+    baseline, and the best baseline by slice SSIM."""
 
     def means(score):
         return {**{name: _mean(score["standard"][name]) for name in metrics.SLICE_METRICS},
                 "thesis_compat": {name: _mean(score["thesis_compat"][name]) for name in metrics.SLICE_METRICS}}
 
     model = scores["model"]
-    found = {name: means(score) for name, score in scores.items() if name != "model"}
-    return {**means(model), "n_subjects": n_subjects, "n_slices": len(model["standard"]["ssim_slice"]),
+    told = {TOLD_MASK: means(scores[TOLD_MASK])} if TOLD_MASK in scores else {}
+    found = {name: means(score) for name, score in scores.items() if name not in ("model", TOLD_MASK)}
+    return {**means(model), **told, "n_subjects": n_subjects, "n_slices": len(model["standard"]["ssim_slice"]),
             "baselines": found, "best_baseline": max(found, key=lambda name: found[name]["ssim_slice"])}
 
 
@@ -72,9 +76,10 @@ def _pool(per_kind: list[dict]) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _eval_step(graphdef, policy: corruptions.Policy, seed: int, nonnegative: bool, flip_average: bool):
+def _eval_step(graphdef, policy: corruptions.Policy, cfg, give_mask: bool):
     """The jitted eval step for one policy, kept so that evaluating a run again does not compile again."""
-    return train.make_eval_step(graphdef, policy, seed, nonnegative, flip_average)
+    return train.make_eval_step(graphdef, policy, cfg.seed, cfg.nonnegative, cfg.flip_average, bool(cfg.mask_input),
+                                give_mask)
 
 
 def evaluation_data(cfg, data_dir: Optional[str]) -> tuple[dataset_lib.Dataset, str]:
@@ -103,11 +108,15 @@ def evaluate_run(workdir, checkpoint: str = "best", data_dir: Optional[str] = No
     for name, spec in evaluation_policies(cfg.eval_policy, kinds).items():
         logging.info("Evaluating %s (%s) on %d slices.", name, spec, len(images))
         policy = train.parse_policy(spec)
-        eval_step = _eval_step(run.graphdef, policy, cfg.seed, cfg.nonnegative, cfg.flip_average)
+        eval_step = _eval_step(run.graphdef, policy, cfg, train.always_told_mask(cfg))
         _, slices = train.evaluate_slices(eval_step, run.params, images, cfg.eval_batch_size, mesh, keep_all=True)
         slice_kinds = [policy.kinds[i] if policy.kinds else None for i in slices["per_slice"]["kind"]]
         outputs = {"model": slices["reconstructed"],
                    **baselines.baseline_outputs(slices["corrupted"], slices["masks"], slice_kinds)}
+        if cfg.mask_input and not train.always_told_mask(cfg):  # the same inputs, the model told the mask
+            _, told = train.evaluate_slices(_eval_step(run.graphdef, policy, cfg, True), run.params, images,
+                                            cfg.eval_batch_size, mesh, keep_all=True)
+            outputs[TOLD_MASK] = told["reconstructed"]
         scores = {method: score_slices(out, slices["clean"], slices["masks"]) for method, out in outputs.items()}
         results[name] = {"policy": policy.spec, **summarise(scores, n_subjects)}
         if name != RUN_POLICY:

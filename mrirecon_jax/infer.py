@@ -43,6 +43,7 @@ from mrirecon_jax.workdir import DETECT_DIR, Workdir, write_atomically, write_js
 MEDIAN_FILTER_PX = Config().median_px  # in-plane median filter of the maps, in model pixels: the run's default
 ANOMALY_KINDS = ("patch", "blob")  # detect_eval: the thesis's line patch, and corruptions.lesion_blob
 FIGURE_CASES_PER_KIND = 2
+HIDDEN_LEVEL = 0.25  # reconstruct's --mask: a model pixel is hidden when at least this much of it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Predictor:
     """A run's configuration and its model as a function of normalised (N, S, S, 1) slices."""
 
     cfg: Config
-    apply: Callable  # normalised input batch -> output in the same frame
+    apply: Callable  # normalised input batch (, hidden-pixel masks: a model with cfg.mask_input) -> output, same frame
     source: str = ""  # where the model came from (workdir and step), recorded in the outputs
     workdir: Optional[Path] = None  # the run's workdir, when loaded from one
 
@@ -108,16 +109,27 @@ class Prediction:
     outputs: np.ndarray  # the model's outputs, in the normalised frame
 
 
-def predict(predictor: Predictor, slices: np.ndarray) -> Prediction:
-    """Reconstruct (n, S, S) slices in batches of the run's eval_batch_size (the last one padded)."""
+def _padded_batch(chunk: np.ndarray, size: int) -> jax.Array:
+    """(size, S, S, 1) float32: the chunk's slices, its last slice repeated to fill the batch."""
+    padded = np.repeat(chunk[-1:], size, axis=0)
+    padded[:len(chunk)] = chunk
+    return jnp.asarray(padded[..., None], jnp.float32)
+
+
+def predict(predictor: Predictor, slices: np.ndarray, masks: Optional[np.ndarray] = None) -> Prediction:
+    """Reconstruct (n, S, S) slices in batches of the run's eval_batch_size (the last one padded); a model with a
+    mask channel is told the (n, S, S) `masks` of the hidden pixels (nothing hidden when None; other models
+    ignore them)."""
     size = min(predictor.cfg.eval_batch_size, len(slices))
+    told = masks is not None and bool(predictor.cfg.mask_input)
     parts = {"reconstruction": [], "inputs": [], "outputs": []}
     for start in range(0, len(slices), size):
         chunk = slices[start:start + size]
-        padded = np.repeat(chunk[-1:], size, axis=0)
-        padded[:len(chunk)] = chunk
-        x, offset, scale = _normalise_input(jnp.asarray(padded[..., None], jnp.float32))
-        y = predictor.apply(x)
+        x, offset, scale = _normalise_input(_padded_batch(chunk, size))
+        if told:
+            y = predictor.apply(x, _padded_batch(masks[start:start + size], size))
+        else:
+            y = predictor.apply(x)
         reconstruction = normalise.denormalise(y, offset, scale, predictor.cfg.nonnegative)
         for name, array in (("reconstruction", reconstruction), ("inputs", x), ("outputs", y)):
             parts[name].append(np.asarray(array, np.float32)[:len(chunk), ..., 0])
@@ -266,42 +278,55 @@ def scoring_grid(prepared: PreparedVolume, volume: np.ndarray, brain_mask: Optio
                        min_component_voxels=max(1, round(MIN_COMPONENT_VOXELS * model_mm3 / voxel_mm3)))
 
 
-def _corrupt(slices: np.ndarray, spec: str, seed: int) -> np.ndarray:
+def _corrupt(slices: np.ndarray, spec: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Each slice corrupted by the policy `spec` with its own key (seed, slice index), in the slices' own units
-    (corrupted in the per-slice min-max frame that training corrupts in, then mapped back)."""
+    (corrupted in the per-slice min-max frame that training corrupts in, then mapped back), and the (n, S, S)
+    masks of the pixels its patch hid."""
     policy = train.parse_policy(spec, "--corrupt")
     low, span = normalise.minmax_affine(slices)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(len(slices)))
-    corrupt = jax.jit(jax.vmap(lambda k, x: corruptions.corrupt_image(k, x, policy)[0]))
-    corrupted = np.asarray(corrupt(keys, jnp.asarray(((slices - low) / span)[..., None])))[..., 0]
-    return corrupted * span + low
+    corrupt = jax.jit(jax.vmap(lambda k, x: corruptions.corrupt_image(k, x, policy)[:2]))
+    corrupted, masks = (np.asarray(a)[..., 0] for a in corrupt(keys, jnp.asarray(((slices - low) / span)[..., None])))
+    return corrupted * span + low, masks > 0
 
 
 # ------------------------------------------------------------------------------------------- the three jobs
 
 def reconstruct(run, input_path, output_path, *, checkpoint: str = "best", resample_to_input: bool = False,
-                corrupt: Optional[str] = None, seed: Optional[int] = None) -> dict:
+                corrupt: Optional[str] = None, seed: Optional[int] = None, mask_path=None) -> dict:
     """Reconstruct every slice of a NIfTI volume with a run (a workdir or a Predictor) and write it.
 
     With `corrupt` (a corruption policy such as "gibbs" or "patch+ghost") each prepared slice is corrupted first
     (key: seed, default the run's, and the slice index) and the corrupted input is written beside the output as
-    OUT_corrupted.nii.gz. Returns a summary of what was written.
+    OUT_corrupted.nii.gz. A run trained with --mask_input is told which pixels are hidden: those of `mask_path` (a
+    NIfTI on the input's grid, non-zero where the image was blanked or painted over) and those `corrupt` patched.
+    Returns a summary of what was written.
     """
     outputs = [output_path] + ([_beside(output_path, "_corrupted")] if corrupt else [])
-    _check_outputs(outputs, [input_path])
+    _check_outputs(outputs, [input_path, mask_path])
     if corrupt:
         train.parse_policy(corrupt, "--corrupt")
     predictor = load_predictor(run, checkpoint)
-    prepared = prepare_volume(*volumes.load_volume(input_path), predictor.cfg, whole_volume=True,
-                              name=f"NIfTI file {input_path}")
+    if mask_path is not None and not predictor.cfg.mask_input:
+        raise UserError(f"--mask tells a model which pixels are hidden, but {predictor.source or 'this model'} was "
+                        "trained without a mask channel; train with --mask_input to use one.")
+    volume, zooms = volumes.load_volume(input_path)
+    prepared = prepare_volume(volume, zooms, predictor.cfg, whole_volume=True, name=f"NIfTI file {input_path}")
     inputs = prepared.slices
+    hidden = None if mask_path is None else prepared.on_grid(
+        _read_mask(mask_path, "mask", input_path, volume.shape), HIDDEN_LEVEL)
     if corrupt:
-        inputs = _corrupt(inputs, corrupt, predictor.cfg.seed if seed is None else seed)
-    reconstruction = predict(predictor, inputs).reconstruction  # before any write: a failure leaves no output
+        inputs, patched = _corrupt(inputs, corrupt, predictor.cfg.seed if seed is None else seed)
+        hidden = patched if hidden is None else hidden | patched
+    if hidden is None and train.always_told_mask(predictor.cfg):
+        raise UserError(f"{predictor.source or 'This model'} was trained always told the hidden pixels "
+                        "(--mask_input=1); give them with --mask.")
+    reconstruction = predict(predictor, inputs, hidden).reconstruction  # before any write: a failure leaves none
     if corrupt:
         _write(inputs, prepared, outputs[1], input_path, resample_to_input)
     _write(reconstruction, prepared, output_path, input_path, resample_to_input)
     return {"outputs": [str(p) for p in outputs], "model": predictor.source, "slices": len(inputs),
+            "told_mask": hidden is not None and bool(predictor.cfg.mask_input),
             "grid": "input" if resample_to_input else f"model ({predictor.cfg.image_size} px in-plane)",
             "units": "input intensity units"}
 
@@ -533,7 +558,8 @@ def _inpainted(predictor: Predictor, slices: np.ndarray) -> tuple[np.ndarray, np
     inpainting = np.zeros_like(slices, dtype=np.float32)
     for phase in range(corruptions.INPAINT_PHASES):
         hidden = np.asarray(corruptions.grid_mask(height, width, phase=phase))
-        inpainting[:, hidden] = predict(predictor, np.where(hidden, 0.0, slices)).reconstruction[:, hidden]
+        told = np.broadcast_to(hidden, slices.shape)
+        inpainting[:, hidden] = predict(predictor, np.where(hidden, 0.0, slices), told).reconstruction[:, hidden]
     _, _, scale = _normalise_input(jnp.asarray(slices[..., None], jnp.float32))
     return (slices - inpainting) / np.asarray(scale)[..., 0], inpainting
 

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from mrirecon_jax import corruptions, plots
 from mrirecon_jax.config import Config, UserError
-from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, Workdir, write_atomically
+from mrirecon_jax.workdir import EVAL_DIR, RUN_POLICY, TOLD_MASK, Workdir, write_atomically
 
 MARKER = "<!-- written by mrirecon-jax --mode=report -->"
 THESIS_SLICES_PER_EPOCH = 23_715  # 465 training subjects x 51 slices: the thesis's "original" epoch
@@ -141,6 +141,10 @@ def _main_rows(run: _Run) -> list[str]:
         [f"{name}: model", data, slices, *_metric_cells(own), hours_cell],
         [f"{name}: model, thesis-compatible", "″", "″", *_metric_cells(own["thesis_compat"]), ""],
     ]
+    if TOLD_MASK in own:
+        rows += [[f"{name}: model told the patch's mask", "″", "″", *_metric_cells(own[TOLD_MASK]), ""],
+                 [f"{name}: model told the mask, thesis-compatible", "″", "″",
+                  *_metric_cells(own[TOLD_MASK]["thesis_compat"]), ""]]
     for base, values in own["baselines"].items():
         best = " (best)" if base == own["best_baseline"] else ""
         rows.append([f"{name}: baseline {base}{best}", "″", "″", *_metric_cells(values), ""])

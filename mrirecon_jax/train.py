@@ -53,21 +53,30 @@ def build_model(cfg: Config) -> unet.UNet:
     if cfg.train_crop and cfg.train_crop % unet.min_image_size(spec):
         raise UserError(f"--train_crop={cfg.train_crop} must be a multiple of {unet.min_image_size(spec)} for the "
                         f"{cfg.model!r} U-Net.")
-    return _initialised_unet(spec, cfg.dtype, cfg.conv_impl, jax.random.fold_in(jax.random.key(cfg.seed), INIT_KEY))
+    return _initialised_unet(spec, cfg.dtype, cfg.conv_impl, 2 if cfg.mask_input else 1,
+                             jax.random.fold_in(jax.random.key(cfg.seed), INIT_KEY))
 
 
-@functools.partial(nnx.jit, static_argnums=(0, 1, 2))
-def _initialised_unet(spec: unet.UNetSpec, dtype: str, conv_impl: str, key) -> unet.UNet:
+@functools.partial(nnx.jit, static_argnums=(0, 1, 2, 3))
+def _initialised_unet(spec: unet.UNetSpec, dtype: str, conv_impl: str, in_features: int, key) -> unet.UNet:
     """The U-Net initialised in one compiled program (eagerly, each kernel's initialiser compiles on its own: about
     10 s of a new process on 2 cores); the same parameters either way."""
-    return unet.UNet(spec, dtype=unet.DTYPES[dtype], conv_impl=conv_impl, rngs=nnx.Rngs(params=key))
+    return unet.UNet(spec, in_features=in_features, dtype=unet.DTYPES[dtype], conv_impl=conv_impl,
+                     rngs=nnx.Rngs(params=key))
 
 
-def model_apply(graphdef: nnx.GraphDef, flip_average: bool = False) -> Callable:
-    """(params, normalised NHWC batch) -> the model's output, in the frame of its input; with `flip_average` the
-    mean of its outputs on the batch and on the batch's left-right mirror image (test-time augmentation)."""
-    def apply(params, images):
+def model_apply(graphdef: nnx.GraphDef, flip_average: bool = False, mask_input: bool = False) -> Callable:
+    """(params, normalised NHWC batch, hidden-pixel masks or None) -> the model's output, in the frame of its input.
+
+    With `mask_input` the masks (zeros when None: nothing known to be hidden) are the model's second input
+    channel; without, they are ignored. With `flip_average` the mean of its outputs on the batch and on the
+    batch's left-right mirror image (test-time augmentation).
+    """
+    def apply(params, images, masks=None):
         model = nnx.merge(graphdef, params)
+        if mask_input:
+            masks = jnp.zeros_like(images) if masks is None else masks.astype(images.dtype)
+            images = jnp.concatenate([images, masks], axis=-1)
         if not flip_average:
             return model(images)
         both = model(jnp.concatenate([images, images[:, :, ::-1]]))
@@ -138,8 +147,10 @@ class TrainedModel:
 
     @functools.cached_property
     def apply(self) -> Callable:
-        """Jitted: normalised NHWC batch -> the model's output, in the frame of its input."""
-        return functools.partial(jax.jit(model_apply(self.graphdef, self.cfg.flip_average)), self.params)
+        """Jitted: (normalised NHWC batch, hidden-pixel masks or None) -> the model's output, in the frame of its
+        input."""
+        apply = model_apply(self.graphdef, self.cfg.flip_average, bool(self.cfg.mask_input))
+        return functools.partial(jax.jit(apply), self.params)
 
 
 def restore_model(workdir, checkpoint: str = "best") -> TrainedModel:
@@ -234,13 +245,15 @@ def counters(step: int, nonfinite: int = 0) -> dict:
 
 
 def reconstruct_corrupted(apply: Callable, params, corrupted, nonnegative: bool,
-                          window: Optional[Callable] = None):
-    """The model's reconstruction of corrupted slices in their own units: normalised, applied, mapped back; with
-    `window` (a crop) of that part of each slice, normalised as the whole slice is."""
+                          window: Optional[Callable] = None, masks=None):
+    """The model's reconstruction of corrupted slices in their own units: normalised, applied (told the hidden
+    pixels' `masks`, if any), mapped back; with `window` (a crop) of that part of each slice, normalised as the
+    whole slice is."""
     x, offset, scale = normalise_input(corrupted)
     if window is not None:
         x = window(x)
-    return denormalise(apply(params, x), offset, scale, nonnegative)
+        masks = None if masks is None else window(masks)
+    return denormalise(apply(params, x, masks), offset, scale, nonnegative)
 
 
 def parse_augmentation(spec: str) -> tuple[str, ...]:
@@ -258,14 +271,15 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     Each step augments the clean batch (cfg.augment), corrupts it (`policy`), normalises the corrupted slices,
     and scores the model's output, mapped back, against the (augmented) clean slices; the patched pixels weigh
     cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more; with cfg.train_crop the model
-    and the loss see one random window of each slice; with cfg.ema_decay the moving average of the parameters
+    and the loss see one random window of each slice; with cfg.mask_input the model is told the patch's mask on
+    that fraction of the slices (zeros on the others), grown by up to cfg.mask_slack_px; with cfg.ema_decay the moving average of the parameters
     follows each update. An update whose loss or gradient is not finite is not applied: the state counts it
     (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none), for the loop to read when it
     next syncs, with no host round trip of its own.
     """
     loss_fn = losses.get_loss(cfg.loss)
     augmentations = parse_augmentation(cfg.augment)
-    apply = model_apply(graphdef)
+    apply = model_apply(graphdef, mask_input=bool(cfg.mask_input))
     train_key = jax.random.fold_in(jax.random.key(cfg.seed), TRAIN_KEY)
 
     def train_step(state, clean):
@@ -273,6 +287,12 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         if augmentations:
             clean = corruptions.augment_batch(jax.random.fold_in(key, 1), clean, augmentations)
         corrupted, masks, _ = corruptions.corrupt_batch(key, clean, policy)
+        given = None
+        if cfg.mask_input:
+            told = jax.random.bernoulli(jax.random.fold_in(key, 3), cfg.mask_input, (len(masks), 1, 1, 1))
+            given = masks * told
+            if cfg.mask_slack_px:
+                given = corruptions.grown_masks(jax.random.fold_in(key, 4), given, cfg.mask_slack_px)
         weights = None  # the extra weights, only those asked for (no mask is computed for a zero weight)
         if cfg.patch_weight:
             weights = 1.0 + cfg.patch_weight * masks
@@ -285,7 +305,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             weights = None if weights is None else window(weights)
 
         def objective(params):
-            return loss_fn(reconstruct_corrupted(apply, params, corrupted, cfg.nonnegative, window), clean, weights)
+            pred = reconstruct_corrupted(apply, params, corrupted, cfg.nonnegative, window, given)
+            return loss_fn(pred, clean, weights)
 
         loss, grads = jax.value_and_grad(objective)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -304,21 +325,28 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     return jax.jit(train_step, donate_argnums=0)
 
 
+def always_told_mask(cfg: Config) -> bool:
+    """Whether the run's model is told the patch's mask on every training slice (--mask_input=1): then validation
+    tells it too, and inference needs a mask; otherwise validation measures it told nothing, as a user runs it."""
+    return cfg.mask_input == 1.0
+
+
 def make_eval_step(graphdef: nnx.GraphDef, policy: corruptions.Policy, seed: int, nonnegative: bool,
-                   flip_average: bool = False) -> Callable:
+                   flip_average: bool = False, mask_input: bool = False, give_mask: bool = False) -> Callable:
     """Jitted (params, clean batch, slice indices) -> (per-slice metrics, (corrupted, reconstruction, masks)), the
-    model applied as inference applies it (`flip_average`, see :func:`model_apply`).
+    model applied as inference applies it (`flip_average`, `mask_input`, see :func:`model_apply`); with `give_mask`
+    it is told the patch's mask (as reconstruct's --mask tells it), otherwise nothing.
 
     One fixed key per validation slice (from the seed and the slice's index), so results depend neither on the
     batch size nor on the step, and every evaluation of a checkpoint agrees to the last digit.
     """
-    apply = model_apply(graphdef, flip_average)
+    apply = model_apply(graphdef, flip_average, mask_input)
     eval_key = jax.random.fold_in(jax.random.key(seed), EVAL_KEY)
 
     def eval_step(params, clean, slice_indices):
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(eval_key, slice_indices)
         corrupted, masks, kinds = jax.vmap(corruptions.corrupt_image, in_axes=(0, 0, None))(keys, clean, policy)
-        pred = reconstruct_corrupted(apply, params, corrupted, nonnegative)
+        pred = reconstruct_corrupted(apply, params, corrupted, nonnegative, masks=masks if give_mask else None)
         out = metrics.slice_metrics(pred, clean, masks)
         out.update({f"input_{k}": v for k, v in metrics.slice_metrics(corrupted, clean, masks).items()})
         out.update(kind=kinds, pred_mean=jnp.mean(pred, axis=(1, 2, 3)),
@@ -508,7 +536,8 @@ def _train(cfg: Config, work: Workdir, dataset, policy, val_policy, mesh, allow_
         total_steps = min(total_steps, cfg.max_steps)
     graphdef, tx, state = init_train_state(cfg, mesh, total_steps)
     train_step = make_train_step(cfg, graphdef, tx, policy)
-    eval_step = make_eval_step(graphdef, val_policy, cfg.seed, cfg.nonnegative, cfg.flip_average)
+    eval_step = make_eval_step(graphdef, val_policy, cfg.seed, cfg.nonnegative, cfg.flip_average,
+                               bool(cfg.mask_input), always_told_mask(cfg))
     logging.info("Data: %s; %d train / %d val slices; %d steps per epoch; model %s with %d parameters.",
                  dataset.source, split["n_train_slices"], len(dataset.val), steps_per_epoch, cfg.model,
                  sum(x.size for x in jax.tree.leaves(state["params"])))

@@ -42,6 +42,7 @@ DETECT_DIR = "detect"
 METRICS_JSON = "metrics.json"  # inside eval/ and detect/
 LESIONS_JSON = "lesions.json"  # inside detect/: scores on real lesion cases
 RUN_POLICY = "run_policy"  # the key of eval/metrics.json's "kinds" under which the run's own policy is evaluated
+TOLD_MASK = "model_told_mask"  # eval/metrics.json: a --mask_input run told the patch's mask, as by reconstruct --mask
 BEST_METRIC = "ssim_slice"  # the validation metric that picks the best checkpoint (higher is better)
 CHECKPOINTS = ("best", "last")  # besides a step number
 TRAINING_TREES = ("params", "opt_state", "ema")  # a checkpoint's array items (ema only with --ema_decay)

@@ -19,6 +19,8 @@ from mrirecon_jax.config import Config, UserError
     (dict(max_train_minutes=0.0), "--max_train_minutes must be positive"),
     (dict(foreground_weight=-1.0), "--foreground_weight must not be negative"),
     (dict(ema_decay=1.0), "--ema_decay must be at least 0 and below 1"),
+    (dict(mask_input=1.5), "--mask_input must be a fraction from 0 to 1"),
+    (dict(mask_slack_px=-1), "--mask_slack_px must not be negative"),
 ])
 def test_impossible_settings_are_refused_in_one_sentence(changes, message):
     with pytest.raises(UserError, match=message):

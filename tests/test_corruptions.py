@@ -659,3 +659,14 @@ def test_random_window_is_a_crop_drawn_from_the_key_alone():
     np.testing.assert_array_equal(np.asarray(C.random_window(KEY, -images, 8)), -crops)
     assert not np.array_equal(np.asarray(C.random_window(jax.random.key(1), images, 8)), crops)
     np.testing.assert_array_equal(np.asarray(C.random_window(KEY, images[:, :12], 12)), np.asarray(images[:, :12]))
+
+
+def test_grown_masks_cover_each_mask_and_at_most_max_px_more_drawn_per_slice():
+    masks = np.zeros((12, 16, 16, 1), np.float32)
+    masks[:, 6:9, 5:11] = 1
+    grown = np.asarray(C.grown_masks(KEY, jnp.asarray(masks), 2))
+    assert grown.shape == masks.shape and set(np.unique(grown)) <= {0.0, 1.0}
+    assert np.all(grown >= masks)  # every given pixel stays
+    widths = sorted({int(g[..., 0].any(axis=0).sum()) for g in grown})  # 6 + 2r columns
+    assert widths == [6, 8, 10]  # r = 0, 1 and 2 all drawn among 12 slices, nothing beyond
+    np.testing.assert_array_equal(np.asarray(C.grown_masks(KEY, jnp.zeros_like(masks), 2)), 0.0)

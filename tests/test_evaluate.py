@@ -14,7 +14,7 @@ from mrirecon_jax import baselines, corruptions, evaluate, metrics, train
 from mrirecon_jax.config import Config, UserError
 from mrirecon_jax.data import dataset, volumes
 from mrirecon_jax.data.prepare import prepare_volume
-from mrirecon_jax.workdir import RUN_POLICY
+from mrirecon_jax.workdir import RUN_POLICY, TOLD_MASK
 
 
 def listing_4_3(test_original, pred, img_size):
@@ -165,6 +165,18 @@ def test_every_catalogue_kind_is_evaluated_by_default():
         train.parse_policy(spec)  # each is a valid policy
     with pytest.raises(UserError, match="catalogue"):
         evaluate.evaluation_policies("original", ["blur"])
+
+
+def test_the_model_told_the_mask_is_scored_beside_the_model_and_is_no_baseline():
+    rng = np.random.default_rng(0)
+    clean = rng.random((3, 16, 16, 1)).astype(np.float32)
+    masks = np.zeros_like(clean)
+    masks[:, 4:8, 4:10] = 1
+    outputs = {"model": clean + 0.2, TOLD_MASK: clean, "input": clean + 0.1}
+    summary = evaluate.summarise({m: evaluate.score_slices(o, clean, masks) for m, o in outputs.items()}, 1)
+    assert set(summary["baselines"]) == {"input"} and summary["best_baseline"] == "input"
+    assert summary[TOLD_MASK]["ssim_slice"] == pytest.approx(1.0) and summary["ssim_slice"] < 0.99
+    assert summary[TOLD_MASK]["thesis_compat"]["ssim_patch"] == pytest.approx(1.0)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,12 @@ def identity(image_size, plane="axial"):
     return infer.Predictor(cfg=Config(image_size=image_size, plane=plane, eval_batch_size=8), apply=lambda x: x)
 
 
+def told(image_size, mask_input=0.5):
+    """A 'model' with a mask channel that returns its input plus the mask it is told, in the normalised frame."""
+    return infer.Predictor(cfg=Config(image_size=image_size, eval_batch_size=8, mask_input=mask_input),
+                           apply=lambda x, masks=None: x if masks is None else x + masks)
+
+
 def save(path, volume, affine):
     nib.Nifti1Image(np.asarray(volume, np.float32), affine).to_filename(str(path))
     return path
@@ -130,7 +136,27 @@ def test_corrupted_input_is_written_beside_the_output(tmp_path):
     assert np.abs(given - volume).max() > 0.01 * np.ptp(volume)
 
 
-@pytest.mark.parametrize("case", ["over_input", "bad_extension", "mask_shape", "bad_residual", "bad_corrupt"])
+def test_reconstruct_tells_a_mask_channel_model_the_given_mask_on_its_own_grid(tmp_path):
+    rng = np.random.default_rng(4)
+    volume = (rng.random((32, 28, 6)) * 200 + 50).astype(np.float32)  # padded to 32 x 32 px: no resizing
+    affine = np.array([[2.0, 0, 0, -31], [0, 2.0, 0, -40], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    hidden = np.zeros(volume.shape, np.uint8)
+    hidden[10:15, 4:9, 2:4] = 1
+    source, mask = save(tmp_path / "in.nii.gz", volume, affine), save(tmp_path / "mask.nii.gz", hidden, affine)
+    blind = infer.reconstruct(told(32), source, tmp_path / "blind.nii.gz", resample_to_input=True)
+    given = infer.reconstruct(told(32), source, tmp_path / "told.nii.gz", resample_to_input=True, mask_path=mask)
+    assert not blind["told_mask"] and given["told_mask"]
+    np.testing.assert_allclose(nib.load(tmp_path / "blind.nii.gz").get_fdata(), volume, rtol=1e-4)
+    brighter = nib.load(tmp_path / "told.nii.gz").get_fdata() - volume > 1.0  # + the slice's range where told
+    np.testing.assert_array_equal(brighter, hidden > 0)
+    # With --corrupt the model is told where the corruption's patch went.
+    corrupted = infer.reconstruct(told(32), source, tmp_path / "c.nii.gz", corrupt="patch")
+    changed = nib.load(tmp_path / "c.nii.gz").get_fdata() - nib.load(tmp_path / "c_corrupted.nii.gz").get_fdata()
+    assert corrupted["told_mask"] and 0 < (changed > 1.0).mean() < 0.25
+
+
+@pytest.mark.parametrize("case", ["over_input", "bad_extension", "mask_shape", "bad_residual", "bad_corrupt",
+                                  "mask_without_channel", "told_mask_grid", "always_told_without_mask"])
 def test_user_errors(tmp_path, case):
     volume = linear_volume((16, 16, 4), (2.0, 2.0, 2.0))
     source = save(tmp_path / "in.nii.gz", volume, np.diag([2.0, 2.0, 2.0, 1.0]))
@@ -144,6 +170,11 @@ def test_user_errors(tmp_path, case):
                                               settings=infer.DetectionSettings(residual="sq")), "--residual"),
         "bad_corrupt": (lambda: infer.reconstruct(identity(16), source, tmp_path / "o.nii", corrupt="blur"),
                         "--corrupt"),
+        "mask_without_channel": (lambda: infer.reconstruct(identity(16), source, tmp_path / "o.nii", mask_path=save(
+            tmp_path / "mask.nii.gz", np.ones((16, 16, 4)), np.diag([2.0, 2.0, 2.0, 1.0]))), "without a mask channel"),
+        "told_mask_grid": (lambda: infer.reconstruct(told(16), source, tmp_path / "o.nii", mask_path=save(
+            tmp_path / "mask.nii.gz", np.ones((16, 16, 4)), np.eye(4))), "not on the grid"),
+        "always_told_without_mask": (lambda: infer.reconstruct(told(16, 1.0), source, tmp_path / "o.nii"), "--mask"),
     }
     call, message = calls[case]
     with pytest.raises(UserError, match=message):

@@ -7,7 +7,7 @@ import pytest
 
 from mrirecon_jax import evaluate, report, train
 from mrirecon_jax.config import Config, UserError
-from mrirecon_jax.workdir import RUN_POLICY, Workdir
+from mrirecon_jax.workdir import RUN_POLICY, TOLD_MASK, Workdir
 
 TINY = dict(model="tiny", image_size=32, batch_size=8, epochs=1, max_steps=1, learning_rate=3e-3,
             eval_batch_size=32)
@@ -15,10 +15,11 @@ TINY = dict(model="tiny", image_size=32, batch_size=8, epochs=1, max_steps=1, le
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, cache_dir):
-    """Two evaluated tiny runs: the thesis's 32 px 'original' setting (48 mm slab) and an augmented 4-slice one."""
+    """Two evaluated tiny runs: the thesis's 32 px 'original' setting (48 mm slab) and an augmented 4-slice one
+    with a mask channel, told the patch's mask on half of its slices."""
     root = tmp_path_factory.mktemp("report")
     settings = {"thesis32": dict(slices=None, slab_mm=48.0, corruptions="original"),
-                "aug4": dict(slices=4, slab_mm=None, corruptions="augmented")}
+                "aug4": dict(slices=4, slab_mm=None, corruptions="augmented", mask_input=0.5)}
     for (name, changes), kinds in zip(settings.items(), [("downsample",), ()]):  # each kind costs a compilation
         train.train_and_evaluate(Config(**TINY, **changes, cache_dir=str(cache_dir)), root / name)
         evaluate.evaluate_run(root / name, kinds=kinds)
@@ -48,6 +49,9 @@ def test_report_of_two_runs(two_runs, tmp_path):
     assert "| thesis Table 5.2 (32 px, axial) | original; 581 subjects | 51 | 0.660 | 0.400 | 38.80 |" in text
     assert text.count("| thesis: no row for this setting |") == 1
     assert text.count("(best) |") == 2
+    told = Workdir(two_runs / "aug4").read_evaluation()["kinds"][RUN_POLICY][TOLD_MASK]  # the mask-channel run only
+    assert text.count("model told the patch's mask |") == 1 and f"| {told['ssim_slice']:.3f} |" in _row(
+        text, f"| **{workdirs[1]}** step 1: model told the patch's mask |")
     for run in ("thesis32", "aug4"):  # every kind, model against its best baseline
         kinds = Workdir(two_runs / run).read_evaluation()["kinds"]
         for kind, entry in kinds.items():

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import ndimage
 
 from mrirecon_jax import summaries, train
@@ -72,7 +73,7 @@ def test_a_training_window_is_normalised_as_its_whole_slice():
     corrupted = jnp.asarray(rng.uniform(0.2, 0.4, (3, 32, 32, 1)).astype(np.float32))
     corrupted = corrupted.at[:, :4].set(5.0)  # the slices' maxima, outside every window below
     window = lambda x: x[:, 8:24, 8:24]
-    def pointwise(params, x):
+    def pointwise(params, x, masks):
         return 2.0 * x + 0.1
 
     whole = train.reconstruct_corrupted(pointwise, None, corrupted, False)
@@ -98,6 +99,45 @@ def test_training_window_must_fit_the_slice_and_the_u_net():
         Config(**{**SMALL_RUN, "train_crop": 40})
     with pytest.raises(UserError, match="--train_crop=20 must be a multiple of 8"):
         train.build_model(Config(**{**SMALL_RUN, "model": "small", "train_crop": 20}))
+
+
+def test_a_mask_channel_sees_the_patch_mask_on_the_asked_fraction_of_training_slices():
+    """--mask_input=1 tells every slice its patch mask: the first convolution's mask-channel weights learn from the
+    first step; with a vanishing fraction that channel holds zeros and they get no update (Adam moves nothing
+    whose gradient is zero); grown masks (--mask_slack_px) change what the model is told."""
+    batch = jnp.asarray(_brain_like(8))
+    moved, losses = {}, {}
+    for fraction, slack in ((1.0, 0), (1e-9, 0), (1.0, 2)):
+        cfg = Config(**SMALL_RUN, mask_input=fraction, mask_slack_px=slack)
+        graphdef, tx, state = train.init_train_state(cfg, train.make_mesh())
+        first_conv = lambda params: np.array(nnx.merge(graphdef, params).down[0].conv1.kernel[...])
+        before = first_conv(state["params"])
+        assert before.shape[2] == 2  # image and mask channels
+        state, loss = train.make_train_step(cfg, graphdef, tx, train.parse_policy(cfg.corruptions))(state, batch)
+        change = np.abs(first_conv(state["params"]) - before)
+        moved[fraction, slack] = (change[..., 0, :].max(), change[..., 1, :].max())
+        losses[fraction, slack] = float(loss)
+    assert moved[1.0, 0][0] > 0 and moved[1.0, 0][1] > 0
+    assert moved[1e-9, 0][0] > 0 and moved[1e-9, 0][1] == 0
+    assert abs(losses[1.0, 2] - losses[1.0, 0]) > 1e-6  # the same draws, a grown mask told
+
+
+def test_an_evaluation_tells_the_mask_only_when_asked_and_a_model_without_a_mask_channel_ignores_it():
+    images = jnp.asarray(_brain_like(4, seed=3))
+    policy = train.parse_policy("patch")
+    outputs = {}
+    for fraction in (0.0, 0.5):
+        cfg = Config(**SMALL_RUN, mask_input=fraction)
+        graphdef, _, state = train.init_train_state(cfg, train.make_mesh())
+        for told in (False, True):
+            step = train.make_eval_step(graphdef, policy, cfg.seed, cfg.nonnegative, mask_input=bool(fraction),
+                                        give_mask=told)
+            _, (corrupted, pred, masks) = step(state["params"], images, jnp.arange(4))
+            outputs[fraction, told] = np.asarray(pred)
+        assert float(masks.sum()) > 0
+    np.testing.assert_array_equal(outputs[0.0, True], outputs[0.0, False])
+    assert np.abs(outputs[0.5, True] - outputs[0.5, False]).max() > 1e-4
+    assert not train.always_told_mask(Config(mask_input=0.5)) and train.always_told_mask(Config(mask_input=1.0))
 
 
 def test_evaluation_is_deterministic_and_independent_of_batch_size():

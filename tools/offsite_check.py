@@ -4,7 +4,8 @@ simulated change of site (contrast, bias field, noise, small rotation), repaired
 scored against the clean slices with scikit-image's SSIM (standard, data range 1) and the thesis's own metric.
 
     python -m tools.offsite_check --workdir=runs/fast_64_augmented --data_dir=../shared/data/ixi-t1-2mm \
-        --output=runs/offsite.json [--shift=site] [--grid=square|thesis] [--line=antialiased|hard] [--subjects=8]
+        --output=runs/offsite.json [--shift=site] [--grid=square|thesis] [--line=antialiased|hard] [--subjects=8] \
+        [--tell_mask [--mask_growth=N]]
 
 Each held-out subject (the run's validation subjects) gives one file per kind: ``original`` (patch + 2x
 resolution loss), ``gibbs``, ``ghost`` (each patched) and ``patch`` alone (``augmented`` pools the first three,
@@ -30,7 +31,7 @@ import skimage.draw
 import skimage.transform
 from skimage.metrics import structural_similarity
 
-from mrirecon_jax import infer, metrics
+from mrirecon_jax import infer, metrics, train
 from mrirecon_jax.config import Config
 from mrirecon_jax.data import dataset, volumes
 from mrirecon_jax.workdir import Workdir
@@ -68,19 +69,19 @@ def line_geometry(shape, rng) -> tuple[int, int, int, int, int]:
 
 
 def line_patch(image: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-    """A bright anti-aliased line of random ends, thickness and opacity; returns (image, mask)."""
+    """A bright anti-aliased line of random ends, thickness and opacity; returns (image, the line's profile)."""
     r0, c0, r1, c1, thickness = line_geometry(image.shape, rng)
     mask = np.zeros_like(image)
     rr, cc, val = skimage.draw.line_aa(r0, c0, r1, c1)
     mask[rr, cc] = val
     mask = scipy.ndimage.grey_dilation(mask, size=(thickness, thickness))
     opacity = rng.uniform(0.3, 1.0)
-    return np.minimum(image + opacity * mask, 1.0), (mask > 0.25).astype(np.float32)
+    return np.minimum(image + opacity * mask, 1.0), mask.astype(np.float32)
 
 
 def hard_line_patch(image: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
     """The same line drawn with a hard-edged round pen (pixels within thickness / 2 of the segment), as the thesis's
-    OpenCV lines and ``mrirecon_jax``'s ``patch`` are; returns (image, mask)."""
+    OpenCV lines and ``mrirecon_jax``'s ``patch`` are; returns (image, the line's profile: 0 or 1)."""
     r0, c0, r1, c1, thickness = line_geometry(image.shape, rng)
     rows, cols = np.mgrid[0:image.shape[0], 0:image.shape[1]].astype(float)
     along = np.array([r1 - r0, c1 - c0], float)
@@ -131,7 +132,11 @@ def site_shift(image: np.ndarray, rng) -> np.ndarray:
     return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
 
 
+SCORED_LEVEL = 0.25  # the patch that is scored: where the line's profile reaches this
+
+
 def corrupt(clean: np.ndarray, kind: str, rng, line: str = "antialiased") -> tuple[np.ndarray, np.ndarray]:
+    """(corrupted slice, the line's profile: where and how strongly the line was drawn)."""
     image = {"original": resolution_loss, "gibbs": gibbs, "ghost": ghost, "patch": lambda x, r: x}[kind](clean, rng)
     return LINES[line](image, rng)
 
@@ -144,6 +149,11 @@ def to_volume(slices: np.ndarray) -> np.ndarray:
 def from_volume(volume: np.ndarray) -> np.ndarray:
     """Canonical RAS volume (S, S, n) -> its (n, S, S) axial display slices."""
     return np.stack([volume[:, :, k][::-1, ::-1].T for k in range(volume.shape[2])])
+
+
+def read_slices(path) -> np.ndarray:
+    """The (n, S, S) display slices of a NIfTI file that reconstruct wrote."""
+    return from_volume(nib.as_closest_canonical(nib.load(str(path))).get_fdata(dtype=np.float32))
 
 
 def scores(pred: np.ndarray, clean: np.ndarray, masks: np.ndarray) -> dict:
@@ -162,14 +172,22 @@ def scores(pred: np.ndarray, clean: np.ndarray, masks: np.ndarray) -> dict:
 
 
 def check(workdir, data_dir, subjects: int = 8, shift: str = "none", grid: str = "square", seed: int = 0,
-          resample_to_input: bool = False, line: str = "antialiased") -> dict:
+          resample_to_input: bool = False, line: str = "antialiased", tell_mask: bool = False, mask_growth: int = 0
+          ) -> dict:
+    """Score reconstruct on the subjects' corrupted files, by kind; with `tell_mask` also told the pixels each line
+    changed (``--mask``; a run trained with --mask_input), grown by `mask_growth` px, as ``model_told_mask`` (a run
+    trained always told, --mask_input=1, only so)."""
     work = Workdir(workdir)
     cfg: Config = work.read_config()
     val = set(work.read_split()["val_subjects"])
     readers = [(s, r) for s, r in dataset.volume_readers(str(data_dir))[0] if s in val][:subjects]
     rng = np.random.default_rng(seed)
     predictor = infer.load_predictor(workdir)
-    results = {kind: {"model": [], "input": []} for kind in KINDS}
+    blind = not train.always_told_mask(cfg)
+    if not (blind or tell_mask):
+        raise SystemExit(f"{workdir} was trained always told the mask (--mask_input=1); add --tell_mask.")
+    methods = (("model",) if blind else ()) + ("input",) + (("model_told_mask",) if tell_mask else ())
+    results = {kind: {method: [] for method in methods} for kind in KINDS}
     with tempfile.TemporaryDirectory() as folder:
         for subject, read in readers:
             volume, zooms = read()
@@ -180,23 +198,33 @@ def check(workdir, data_dir, subjects: int = 8, shift: str = "none", grid: str =
             affine = np.diag([pixel, 240.0 / cfg.image_size, zooms[2], 1.0])
             for kind in KINDS:
                 pairs = [corrupt(c, kind, rng, line) for c in clean]
-                corrupted, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+                corrupted, profiles = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+                masks = (profiles > SCORED_LEVEL).astype(np.float32)
                 source, output = Path(folder) / f"{subject}_{kind}.nii.gz", Path(folder) / f"{subject}_{kind}_r.nii.gz"
                 nib.Nifti1Image(to_volume(corrupted).astype(np.float32), affine).to_filename(str(source))
-                infer.reconstruct(predictor, source, output, resample_to_input=resample_to_input)
-                repaired = from_volume(nib.as_closest_canonical(nib.load(str(output))).get_fdata(dtype=np.float32))
-                results[kind]["model"].append((repaired, clean, masks))
+                if blind:
+                    infer.reconstruct(predictor, source, output, resample_to_input=resample_to_input)
+                    results[kind]["model"].append((read_slices(output), clean, masks))
                 results[kind]["input"].append((corrupted, clean, masks))
+                if tell_mask:
+                    mask_file, told = Path(folder) / "mask.nii.gz", Path(folder) / "told.nii.gz"
+                    growth = np.ones((1, 2 * mask_growth + 1, 2 * mask_growth + 1), bool)  # 0: the changed pixels
+                    painted = scipy.ndimage.binary_dilation(profiles > 0, growth).astype(np.uint8)
+                    nib.Nifti1Image(to_volume(painted), affine).to_filename(str(mask_file))
+                    infer.reconstruct(predictor, source, told, resample_to_input=resample_to_input,
+                                      mask_path=mask_file)
+                    results[kind]["model_told_mask"].append((read_slices(told), clean, masks))
     table = {}
     for kind, methods in results.items():
         table[kind] = {method: scores(*(np.concatenate(part) for part in zip(*triples)))
                        for method, triples in methods.items()}
     policy_kinds = ("original", "gibbs", "ghost")  # the thesis's augmented policy, each patched
-    everything = {m: [t for kind in policy_kinds for t in results[kind][m]] for m in ("model", "input")}
+    everything = {m: [t for kind in policy_kinds for t in results[kind][m]] for m in methods}
     table["augmented"] = {m: scores(*(np.concatenate(part) for part in zip(*triples)))
                           for m, triples in everything.items()}
     return {"workdir": str(workdir), "subjects": [s for s, _ in readers], "shift": shift, "grid": grid,
-            "line": line, "resample_to_input": resample_to_input, "kinds": table}
+            "line": line, "resample_to_input": resample_to_input, "told_mask_growth": mask_growth if tell_mask else None,
+            "kinds": table}
 
 
 def main():
@@ -209,9 +237,12 @@ def main():
     parser.add_argument("--grid", choices=["square", "thesis"], default="square")
     parser.add_argument("--line", choices=list(LINES), default="antialiased")
     parser.add_argument("--resample_to_input", action="store_true")
+    parser.add_argument("--tell_mask", action="store_true", help="also tell a --mask_input run each line's mask")
+    parser.add_argument("--mask_growth", type=int, default=0, help="--tell_mask: grow the told mask by N px")
     args = parser.parse_args()
     result = check(args.workdir, args.data_dir, args.subjects, args.shift, args.grid,
-                   resample_to_input=args.resample_to_input, line=args.line)
+                   resample_to_input=args.resample_to_input, line=args.line, tell_mask=args.tell_mask,
+                   mask_growth=args.mask_growth)
     Path(args.output).write_text(json.dumps(result, indent=2))
     for kind, entry in result["kinds"].items():
         print(kind, " ".join(f"{m}: " + " / ".join(f"{v:.3f}" for v in e.values()) for m, e in entry.items()))

@@ -37,13 +37,13 @@ class PreparedVolume:
         except aligned slices, already normalised over the whole brain."""
         return (self.slices if self.aligned is not None else normalise.minmax(self.slices))[..., None]
 
-    def on_grid(self, mask) -> np.ndarray:
+    def on_grid(self, mask, level: float = MASK_LEVEL) -> np.ndarray:
         """A bool mask on the input volume's canonical grid, on the model grid (through the registration when
-        aligned): (n, S, S) bool, a pixel in when most of it is."""
+        aligned): (n, S, S) bool, a pixel in when at least `level` of it is (default: most of it)."""
         mask = np.asarray(mask, np.float32)
         if self.aligned is not None:
             mask = self.aligned.to_template(mask)
-        return grid_mask(mask, self.zooms, self.geometry)
+        return grid_mask(mask, self.zooms, self.geometry, level)
 
     def to_input(self, slices, linear: bool = True) -> np.ndarray:
         """(n, S, S) model-grid slices of an aligned volume on the input volume's canonical grid: the model grid
@@ -52,11 +52,13 @@ class PreparedVolume:
                                      geometry_lib.model_grid_affine(self.geometry, self.aligned.affine), linear)
 
 
-def grid_mask(mask: np.ndarray, zooms, geometry: geometry_lib.SliceGeometry) -> np.ndarray:
-    """A canonical bool volume sliced like the volume it belongs to: (n, S, S) bool, a pixel in when most of it is."""
+def grid_mask(mask: np.ndarray, zooms, geometry: geometry_lib.SliceGeometry, level: float = MASK_LEVEL
+              ) -> np.ndarray:
+    """A canonical bool volume sliced like the volume it belongs to: (n, S, S) bool, a pixel in when at least
+    `level` of it is (default: most of it)."""
     sliced, _ = geometry_lib.volume_slices(np.asarray(mask, np.float32), zooms, geometry.plane, geometry.image_size,
                                            geometry.indices)
-    return sliced >= MASK_LEVEL
+    return sliced >= level
 
 
 def prepare_volume(volume, zooms, cfg: Config, *, whole_volume: bool = False, brain: Optional[np.ndarray] = None,
