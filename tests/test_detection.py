@@ -224,7 +224,7 @@ def predictor_returning(fn, size=32):
 def test_every_score_against_oracles(score, monkeypatch):
     images, clean, brain, truth = synthetic_lesions()
 
-    def perfect_model(predictor, slices):  # returns the healthy slice, in each frame predict gives
+    def perfect_model(predictor, slices, masks=None):  # returns the healthy slice, in each frame predict gives
         x, offset, scale = (np.asarray(a)[..., 0] for a in infer._normalise_input(jnp.asarray(slices[..., None])))
         return infer.Prediction(reconstruction=clean, inputs=x, outputs=(clean - offset) / scale)
 

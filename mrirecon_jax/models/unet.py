@@ -31,6 +31,8 @@ class UNetSpec:
     # > 1: the U-Net runs on blocks of pixel_shuffle x pixel_shuffle pixels stacked as channels (space-to-depth) and
     # its head predicts each block's pixels (depth-to-space, Shi et al. 2016's pixel shuffle): no full-size level.
     pixel_shuffle: int = 1
+    # 1: the outermost level's blocks (the first encoder and the last decoder block) have one convolution, not two.
+    outer_convs: int = 2
 
 
 PRESETS: dict[str, UNetSpec] = {
@@ -42,6 +44,8 @@ PRESETS: dict[str, UNetSpec] = {
     "medium": UNetSpec(features=(32, 64, 128, 256), output_activation="linear", residual=True),
     "small_deep": UNetSpec(features=(16, 32, 64, 128, 256), output_activation="linear", residual=True),
     # small without its full-size level: the other three on 2 x 2 pixel blocks; and the same 1.5 times as wide.
+    # small with one convolution per full-size block, where 16-channel convolutions use the cores worst.
+    "small_lite": UNetSpec(features=(16, 32, 64, 128), output_activation="linear", residual=True, outer_convs=1),
     "small_shuffle": UNetSpec(features=(32, 64, 128), output_activation="linear", residual=True, pixel_shuffle=2),
     "small_shuffle_wide": UNetSpec(features=(48, 96, 192), output_activation="linear", residual=True,
                                    pixel_shuffle=2),
@@ -103,16 +107,21 @@ def _norm_layer(norm: str, features: int, dtype, rngs: nnx.Rngs):
 
 
 class ConvBlock(nnx.Module):
-    """Two 3x3 convolutions, each followed by the spec's normalisation and ReLU."""
+    """Two 3x3 convolutions (or one, with ``convs=1``), each followed by the spec's normalisation and ReLU."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype, conv, norm: str = "none", rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, dtype, conv, norm: str = "none", convs: int = 2,
+                 rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(in_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
         self.norm1 = _norm_layer(norm, out_features, dtype, rngs)
-        self.conv2 = nnx.Conv(out_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
-        self.norm2 = _norm_layer(norm, out_features, dtype, rngs)
+        self.second = convs == 2
+        if self.second:
+            self.conv2 = nnx.Conv(out_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv,
+                                  rngs=rngs)
+            self.norm2 = _norm_layer(norm, out_features, dtype, rngs)
 
     def __call__(self, x):
-        return nnx.relu(self.norm2(self.conv2(nnx.relu(self.norm1(self.conv1(x))))))
+        x = nnx.relu(self.norm1(self.conv1(x)))
+        return nnx.relu(self.norm2(self.conv2(x))) if self.second else x
 
 
 class UpConv(nnx.ConvTranspose):
@@ -146,11 +155,14 @@ class UNet(nnx.Module):
         conv = conv_function(conv_impl)
         block = functools.partial(ConvBlock, dtype=dtype, conv=conv, norm=spec.norm, rngs=rngs)
         blocks_in = in_features * spec.pixel_shuffle ** 2
-        self.down = nnx.List([block(c_in, c_out) for c_in, c_out in zip((blocks_in,) + feats[:-2], feats[:-1])])
+        outer = spec.outer_convs
+        self.down = nnx.List([block(c_in, c_out, convs=outer if level == 0 else 2) for level, (c_in, c_out)
+                              in enumerate(zip((blocks_in,) + feats[:-2], feats[:-1]))])
         self.bottleneck = block(feats[-2], feats[-1])
         self.up = nnx.List([UpConv(c_deep, c, matmul=conv_impl != "xla", dtype=dtype, rngs=rngs)
                             for c_deep, c in zip(feats[:0:-1], feats[-2::-1])])
-        self.up_blocks = nnx.List([block(2 * c, c) for c in feats[-2::-1]])
+        self.up_blocks = nnx.List([block(2 * c, c, convs=outer if c_index == 0 else 2)
+                                   for c_index, c in reversed(list(enumerate(feats[:-1])))])
         self.head = nnx.Conv(feats[0], spec.pixel_shuffle ** 2, (1, 1), dtype=dtype, rngs=rngs)
         self.pool = _xla_max_pool if conv_impl == "xla" else max_pool_2x2
 
