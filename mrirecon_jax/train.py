@@ -272,8 +272,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     and scores the model's output, mapped back, against the (augmented) clean slices; the patched pixels weigh
     cfg.patch_weight more in the loss, the head's pixels cfg.foreground_weight more; with cfg.train_crop the model
     and the loss see one random window of each slice; with cfg.mask_input the model is told the patch's mask on
-    that fraction of the slices (zeros on the others), grown by up to cfg.mask_slack_px; with cfg.ema_decay the moving average of the parameters
-    follows each update. An update whose loss or gradient is not finite is not applied: the state counts it
+    that fraction of the slices (zeros on the others), grown by up to cfg.mask_slack_px; with cfg.ema_decay the
+    moving average of the parameters follows each update. An update whose loss or gradient is not finite is not applied: the state counts it
     (``nonfinite``) and keeps the first such step (``first_nonfinite``, -1 if none), for the loop to read when it
     next syncs, with no host round trip of its own.
     """

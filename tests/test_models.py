@@ -103,8 +103,8 @@ def test_lite_preset_has_one_convolution_in_each_outermost_block_only():
     small = unet.UNet(unet.PRESETS["small"], rngs=nnx.Rngs(0))
     lite = unet.UNet(unet.PRESETS["small_lite"], rngs=nnx.Rngs(0))
     outermost = [(lite.down[0], small.down[0]), (lite.up_blocks[-1], small.up_blocks[-1])]
-    assert all(not hasattr(block, "conv2") and hasattr(twin, "conv2") for block, twin in outermost)
-    assert all(hasattr(block, "conv2") for block in [*lite.down[1:], lite.bottleneck, *lite.up_blocks[:-1]])
+    assert all(block.conv2 is None and twin.conv2 is not None for block, twin in outermost)
+    assert all(block.conv2 is not None for block in [*lite.down[1:], lite.bottleneck, *lite.up_blocks[:-1]])
     # The two 16 x 16 3x3 kernels (with biases) are all it lacks.
     assert unet.count_params(small) - unet.count_params(lite) == 2 * (3 * 3 * 16 * 16 + 16)
     assert lite(jnp.ones((2, 64, 64, 1))).shape == (2, 64, 64, 1)

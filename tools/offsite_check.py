@@ -223,8 +223,8 @@ def check(workdir, data_dir, subjects: int = 8, shift: str = "none", grid: str =
     table["augmented"] = {m: scores(*(np.concatenate(part) for part in zip(*triples)))
                           for m, triples in everything.items()}
     return {"workdir": str(workdir), "subjects": [s for s, _ in readers], "shift": shift, "grid": grid,
-            "line": line, "resample_to_input": resample_to_input, "told_mask_growth": mask_growth if tell_mask else None,
-            "kinds": table}
+            "line": line, "resample_to_input": resample_to_input,
+            "told_mask_growth": mask_growth if tell_mask else None, "kinds": table}
 
 
 def main():

@@ -43,9 +43,9 @@ PRESETS: dict[str, UNetSpec] = {
     # Wider (about 1.9 M parameters) and deeper (five levels, about 1.9 M) variants of small.
     "medium": UNetSpec(features=(32, 64, 128, 256), output_activation="linear", residual=True),
     "small_deep": UNetSpec(features=(16, 32, 64, 128, 256), output_activation="linear", residual=True),
-    # small without its full-size level: the other three on 2 x 2 pixel blocks; and the same 1.5 times as wide.
     # small with one convolution per full-size block, where 16-channel convolutions use the cores worst.
     "small_lite": UNetSpec(features=(16, 32, 64, 128), output_activation="linear", residual=True, outer_convs=1),
+    # small without its full-size level: the other three on 2 x 2 pixel blocks; and the same 1.5 times as wide.
     "small_shuffle": UNetSpec(features=(32, 64, 128), output_activation="linear", residual=True, pixel_shuffle=2),
     "small_shuffle_wide": UNetSpec(features=(48, 96, 192), output_activation="linear", residual=True,
                                    pixel_shuffle=2),
@@ -113,15 +113,14 @@ class ConvBlock(nnx.Module):
                  rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(in_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
         self.norm1 = _norm_layer(norm, out_features, dtype, rngs)
-        self.second = convs == 2
-        if self.second:
-            self.conv2 = nnx.Conv(out_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv,
-                                  rngs=rngs)
-            self.norm2 = _norm_layer(norm, out_features, dtype, rngs)
+        second = convs == 2
+        self.conv2 = nnx.Conv(out_features, out_features, (3, 3), dtype=dtype, conv_general_dilated=conv,
+                              rngs=rngs) if second else None
+        self.norm2 = _norm_layer(norm, out_features, dtype, rngs) if second else None
 
     def __call__(self, x):
         x = nnx.relu(self.norm1(self.conv1(x)))
-        return nnx.relu(self.norm2(self.conv2(x))) if self.second else x
+        return x if self.conv2 is None else nnx.relu(self.norm2(self.conv2(x)))
 
 
 class UpConv(nnx.ConvTranspose):
@@ -155,14 +154,15 @@ class UNet(nnx.Module):
         conv = conv_function(conv_impl)
         block = functools.partial(ConvBlock, dtype=dtype, conv=conv, norm=spec.norm, rngs=rngs)
         blocks_in = in_features * spec.pixel_shuffle ** 2
-        outer = spec.outer_convs
-        self.down = nnx.List([block(c_in, c_out, convs=outer if level == 0 else 2) for level, (c_in, c_out)
-                              in enumerate(zip((blocks_in,) + feats[:-2], feats[:-1]))])
+        convs = lambda level: spec.outer_convs if level == 0 else 2  # noqa: E731 (level 0: the outermost)
+        levels = range(len(feats) - 1)
+        self.down = nnx.List([block(c_in, feats[level], convs=convs(level))
+                              for level, c_in in zip(levels, (blocks_in,) + feats[:-2])])
         self.bottleneck = block(feats[-2], feats[-1])
         self.up = nnx.List([UpConv(c_deep, c, matmul=conv_impl != "xla", dtype=dtype, rngs=rngs)
                             for c_deep, c in zip(feats[:0:-1], feats[-2::-1])])
-        self.up_blocks = nnx.List([block(2 * c, c, convs=outer if c_index == 0 else 2)
-                                   for c_index, c in reversed(list(enumerate(feats[:-1])))])
+        self.up_blocks = nnx.List([block(2 * feats[level], feats[level], convs=convs(level))
+                                   for level in reversed(levels)])
         self.head = nnx.Conv(feats[0], spec.pixel_shuffle ** 2, (1, 1), dtype=dtype, rngs=rngs)
         self.pool = _xla_max_pool if conv_impl == "xla" else max_pool_2x2
 
